@@ -1,0 +1,90 @@
+"""LoRA (Hu et al., 2021): W x + (alpha / r) B A x, with B = 0 so training starts at the base model.
+
+Also covers rsLoRA scaling (alpha / sqrt(r), Kalajdzievski 2023) and FFA-LoRA's frozen A (Sun et al.,
+2024: A stays at its random init and only B trains, which keeps federated averaging of B exact).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import ClassVar, Literal
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from mm.adapters.base import ADAPTERS, Adapter, add_matmul_
+from mm.config import AdapterConfig, ConfigError
+
+
+@ADAPTERS.register("lora")
+@dataclass
+class LoRAConfig(AdapterConfig):
+    """LoRA: a trainable low-rank update B A beside each frozen linear layer."""
+
+    method: ClassVar[str] = "lora"
+
+    rslora: bool = field(default=False, metadata={"help": "Scale by alpha/sqrt(r) instead of alpha/r."})
+    freeze_a: bool = field(
+        default=False, metadata={"help": "FFA-LoRA: keep A at its random init; only B trains."}
+    )
+    init: Literal["kaiming", "gaussian"] = field(
+        default="kaiming",
+        metadata={"help": "Init of A: 'kaiming' (uniform, as PEFT) or 'gaussian' (std 1/r). B starts at 0."},
+    )
+
+    def validate(self) -> None:
+        super().validate()
+        if self.init not in ("kaiming", "gaussian"):
+            raise ConfigError(f"lora: key 'init' must be 'kaiming' or 'gaussian', got {self.init!r}")
+
+    @property
+    def scaling(self) -> float:
+        return self.alpha / (math.sqrt(self.r) if self.rslora else self.r)
+
+    def build(self, in_features: int, out_features: int, base_weight: torch.Tensor) -> LoRA:
+        return LoRA(self, in_features, out_features, dtype=_param_dtype(base_weight), device=base_weight.device)
+
+
+def _param_dtype(base_weight: torch.Tensor) -> torch.dtype:
+    # Quantised bases store integers; their adapters train in fp32.
+    return base_weight.dtype if base_weight.is_floating_point() else torch.float32
+
+
+class LoRA(Adapter):
+    def __init__(
+        self, config: LoRAConfig, in_features: int, out_features: int, *, dtype: torch.dtype,
+        device: torch.device,
+    ) -> None:
+        super().__init__()
+        self.scaling = config.scaling
+        self.lora_A = nn.Parameter(torch.empty(config.r, in_features, dtype=dtype, device=device))
+        self.lora_B = nn.Parameter(torch.zeros(out_features, config.r, dtype=dtype, device=device))
+        self.dropout = nn.Dropout(config.dropout) if config.dropout > 0 else None
+        if config.init == "kaiming":
+            nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
+        else:
+            nn.init.normal_(self.lora_A, std=1.0 / config.r)
+        self.lora_A.requires_grad_(not config.freeze_a)
+
+    def extra_repr(self) -> str:
+        r, in_features = self.lora_A.shape
+        return f"r={r}, in={in_features}, out={self.lora_B.shape[0]}, scaling={self.scaling:g}"
+
+    def forward(self, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+        if x.dtype != self.lora_A.dtype:
+            x = x.to(self.lora_A.dtype)
+        if self.dropout is not None:
+            x = self.dropout(x)
+        # Scale the r-wide hidden rather than the out-wide result: same value, far fewer flops.
+        h = F.linear(x, self.lora_A) * self.scaling
+        return add_matmul_(out, h.to(out.dtype), self.lora_B.to(out.dtype))
+
+    def delta(self, x: torch.Tensor) -> torch.Tensor:
+        if self.dropout is not None:
+            x = self.dropout(x)
+        return F.linear(F.linear(x, self.lora_A), self.lora_B) * self.scaling
+
+    def delta_weight(self) -> torch.Tensor:
+        return (self.lora_B @ self.lora_A) * self.scaling

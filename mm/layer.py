@@ -1,0 +1,105 @@
+"""``AdaptedLinear``: a frozen linear-like layer plus named adapters whose updates add to its output."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import torch
+from torch import nn
+
+from mm.adapters.base import Adapter
+
+
+def is_conv1d(module: nn.Module) -> bool:
+    """transformers' ``Conv1D`` (GPT-2 style: weight stored (in, out)), detected without importing it."""
+    cls = type(module)
+    return cls.__name__ == "Conv1D" and cls.__module__.startswith("transformers")
+
+
+def is_linear_like(module: nn.Module) -> bool:
+    return isinstance(module, nn.Linear) or is_conv1d(module)
+
+
+def linear_features(module: nn.Module) -> tuple[int, int]:
+    """(in_features, out_features) of a linear-like layer."""
+    if is_conv1d(module):
+        in_features, out_features = module.weight.shape
+        return int(in_features), int(out_features)
+    return int(module.in_features), int(module.out_features)
+
+
+def weight_out_in(module: nn.Module) -> torch.Tensor:
+    """The layer's weight as an (out, in) tensor that shares storage with it (in-place edits reach it)."""
+    return module.weight.T if is_conv1d(module) else module.weight
+
+
+class AdaptedLinear(nn.Module):
+    """``base(x) + sum(adapter(x) for active, unmerged adapters)``.
+
+    Merged adapters live inside ``base``'s weight; ``disabled`` runs the base alone (refused while
+    something is merged, since the base weight then already carries the update).
+    """
+
+    def __init__(self, base: nn.Module) -> None:
+        super().__init__()
+        self.base = base
+        self.in_features, self.out_features = linear_features(base)
+        self.adapters = nn.ModuleDict()
+        self.active: tuple[str, ...] = ()
+        self.merged: list[str] = []
+        self.disabled = False
+
+    # Code that inspects layers (dtype checks in open_clip, transformers) expects these attributes.
+    @property
+    def weight(self) -> torch.Tensor:
+        return self.base.weight
+
+    @property
+    def bias(self) -> torch.Tensor | None:
+        return self.base.bias
+
+    def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        out = self.base(x, *args, **kwargs)
+        if self.disabled:
+            if self.merged:
+                raise RuntimeError(f"cannot disable adapters {self.merged}: they are merged; unmerge first")
+            return out
+        for name in self.active:
+            if name not in self.merged:
+                out = self.adapters[name](x, out)
+        return out
+
+    def add(self, name: str, adapter: Adapter, *, active: bool = True) -> None:
+        if name in self.adapters:
+            raise KeyError(f"adapter {name!r} already exists on this layer")
+        self.adapters[name] = adapter
+        if active:
+            self.active = (*self.active, name)
+
+    def remove(self, name: str) -> None:
+        if name in self.merged:
+            self.unmerge([name])
+        del self.adapters[name]
+        self.active = tuple(n for n in self.active if n != name)
+
+    def set_active(self, names: Iterable[str]) -> None:
+        self.active = tuple(n for n in names if n in self.adapters)
+
+    @torch.no_grad()
+    def merge(self, names: Iterable[str]) -> None:
+        weight = weight_out_in(self.base)
+        for name in names:
+            if name in self.adapters and name not in self.merged:
+                weight.add_(self.adapters[name].delta_weight().to(weight.dtype))
+                self.merged.append(name)
+
+    @torch.no_grad()
+    def unmerge(self, names: Iterable[str] | None = None) -> None:
+        weight = weight_out_in(self.base)
+        for name in list(self.merged if names is None else names):
+            if name in self.merged:
+                weight.sub_(self.adapters[name].delta_weight().to(weight.dtype))
+                self.merged.remove(name)
+
+    def extra_repr(self) -> str:
+        return f"in={self.in_features}, out={self.out_features}, active={list(self.active)}"

@@ -1,0 +1,143 @@
+"""Adapter-only checkpoints: one safetensors file holding each adapter's tensors and its config.
+
+Keys are ``"<adapter>/<layer path>.<tensor>"``; the metadata holds every adapter's config as JSON, so
+``load_adapters`` can re-attach adapters to a fresh base model before filling them in.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+from torch import nn
+
+from mm.config import AdapterConfig
+from mm.wrap import adapted_layers, adapter_names, attach, delete_adapter
+
+FORMAT = "mmtune.adapters"
+FORMAT_VERSION = "1"
+
+
+class AdapterStateError(ValueError):
+    """A checkpoint does not fit the model (missing, unexpected or mis-shaped keys) or is not ours."""
+
+
+def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> Path:
+    """Call ``write(tmp_path)`` then rename over ``path``: readers see the old file or the new, never half."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        write(tmp)
+        with open(tmp, "rb") as handle:
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def adapter_state(model: nn.Module, name: str) -> dict[str, torch.Tensor]:
+    """The persistent tensors of adapter ``name`` keyed by ``<layer path>.<tensor>``."""
+    state = {}
+    for layer_name, layer in adapted_layers(model):
+        if name in layer.adapters:
+            for key, tensor in layer.adapters[name].state_dict().items():
+                state[f"{layer_name}.{key}"] = tensor
+    return state
+
+
+def save_adapters(model: nn.Module, path: str | os.PathLike, names: list[str] | None = None) -> Path:
+    """Write the adapters (default: all) of ``model`` to one safetensors file, atomically."""
+    from mm.wrap import adapter_config
+
+    names = adapter_names(model) if names is None else list(names)
+    if not names:
+        raise AdapterStateError(f"{path}: model has no adapters to save")
+    tensors, configs = {}, {}
+    for name in names:
+        configs[name] = adapter_config(model, name).to_dict()
+        for key, tensor in adapter_state(model, name).items():
+            tensors[f"{name}/{key}"] = tensor.detach().to("cpu").contiguous().clone()
+    metadata = {"format": FORMAT, "format_version": FORMAT_VERSION, "adapters": json.dumps(configs)}
+    return atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=metadata))
+
+
+def read_adapter_file(path: str | os.PathLike) -> tuple[dict[str, AdapterConfig], dict[str, torch.Tensor]]:
+    """Configs and tensors of an mmtune adapter file; errors name the file and what is wrong."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no such adapter file")
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            metadata = handle.metadata() or {}
+            tensors = {key: handle.get_tensor(key) for key in handle.keys()}  # noqa: SIM118
+    except Exception as err:  # safetensors raises its own error types for corrupt files
+        raise AdapterStateError(f"{path}: not a readable safetensors file ({err})") from err
+    if metadata.get("format") != FORMAT:
+        raise AdapterStateError(f"{path}: metadata 'format' is {metadata.get('format')!r}, expected {FORMAT!r}")
+    raw = json.loads(metadata["adapters"])
+    configs = {name: AdapterConfig.from_dict(cfg, source=f"{path} adapter {name!r}") for name, cfg in raw.items()}
+    return configs, tensors
+
+
+def load_adapters(model: nn.Module, path: str | os.PathLike, names: list[str] | None = None) -> nn.Module:
+    """Load adapters saved by ``save_adapters``; attaches those the model lacks, using the saved config.
+
+    Loading is all-or-nothing per adapter: on any mismatch the error names the keys, and an adapter
+    attached by this call is removed again.
+    """
+    configs, tensors = read_adapter_file(path)
+    names = list(configs) if names is None else list(names)
+    unknown = sorted(set(names) - set(configs))
+    if unknown:
+        raise AdapterStateError(f"{path}: no adapter(s) {unknown} in file; it holds {sorted(configs)}")
+    for name in names:
+        attached_here = name not in adapter_names(model)
+        if attached_here:
+            attach(model, configs[name], name)
+        prefix = f"{name}/"
+        file_state = {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
+        try:
+            _copy_state(model, name, file_state, path)
+        except AdapterStateError:
+            if attached_here:
+                delete_adapter(model, name)
+            raise
+    return model
+
+
+def _copy_state(model: nn.Module, name: str, file_state: dict[str, torch.Tensor], path: str | os.PathLike) -> None:
+    model_state = adapter_state(model, name)
+    missing = sorted(set(model_state) - set(file_state))
+    unexpected = sorted(set(file_state) - set(model_state))
+    shapes = [
+        f"{key}: file {tuple(file_state[key].shape)} vs model {tuple(tensor.shape)}"
+        for key, tensor in model_state.items()
+        if key in file_state and file_state[key].shape != tensor.shape
+    ]
+    problems = []
+    if missing:
+        problems.append(f"missing in file: {_preview(missing)}")
+    if unexpected:
+        problems.append(f"not in model: {_preview(unexpected)}")
+    if shapes:
+        problems.append(f"shape mismatch: {_preview(shapes)}")
+    if problems:
+        raise AdapterStateError(f"{path}: adapter {name!r} does not fit the model; " + "; ".join(problems))
+    with torch.no_grad():
+        for key, tensor in model_state.items():
+            tensor.copy_(file_state[key])
+
+
+def _preview(items: list[str], limit: int = 6) -> str:
+    more = f" (+{len(items) - limit} more)" if len(items) > limit else ""
+    return ", ".join(items[:limit]) + more

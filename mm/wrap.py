@@ -1,0 +1,214 @@
+"""``attach``: find target layers in any ``nn.Module``, wrap them in ``AdaptedLinear``, freeze the rest."""
+
+from __future__ import annotations
+
+import contextlib
+import difflib
+import re
+from collections.abc import Iterator
+
+from torch import nn
+
+from mm.config import AdapterConfig
+from mm.layer import AdaptedLinear, is_linear_like, linear_features, weight_out_in
+from mm.mha import PROJECTIONS, SplitMultiheadAttention
+
+
+class AttachError(ValueError):
+    """Targets match nothing, or an adapter name is invalid or taken; the message says which."""
+
+
+def adaptable_layers(model: nn.Module) -> list[str]:
+    """Names of every layer an adapter can attach to, including q/k/v/out inside MultiheadAttention."""
+    names: list[str] = []
+    for name, module in model.named_modules():
+        if isinstance(module, AdaptedLinear):
+            names.append(name)
+        elif isinstance(module, nn.MultiheadAttention):
+            names.extend(f"{name}.{p}" if name else p for p in PROJECTIONS)
+        elif name and is_linear_like(module) and not isinstance(
+            _parent(model, name), AdaptedLinear | nn.MultiheadAttention
+        ):
+            names.append(name)
+    return names
+
+
+def _parent(model: nn.Module, name: str) -> nn.Module:
+    parent_name = name.rpartition(".")[0]
+    return model.get_submodule(parent_name) if parent_name else model
+
+
+def _suffix_match(name: str, pattern: str) -> bool:
+    return name == pattern or name.endswith("." + pattern)
+
+
+def _matches_any(name: str, patterns: list[str]) -> bool:
+    for pattern in patterns:
+        if _suffix_match(name, pattern):
+            return True
+        with contextlib.suppress(re.error):
+            if re.fullmatch(pattern, name):
+                return True
+    return False
+
+
+def _layer_index(name: str, layers_pattern: str | None) -> int | None:
+    if layers_pattern:
+        found = re.search(rf"(?:^|\.){re.escape(layers_pattern)}\.(\d+)(?:\.|$)", name)
+    else:
+        found = re.search(r"(?:^|\.)(\d+)(?:\.|$)", name)
+    return int(found.group(1)) if found else None
+
+
+def _output_head_names(model: nn.Module) -> set[str]:
+    """The output projection that 'all-linear' leaves alone (as PEFT does): lm_head or the model's own."""
+    heads = set()
+    get_out = getattr(model, "get_output_embeddings", None)
+    out = get_out() if callable(get_out) else None
+    for name, module in model.named_modules():
+        if module is out or name.rpartition(".")[2] == "lm_head":
+            heads.add(name)
+    return heads
+
+
+def select_targets(model: nn.Module, config: AdapterConfig) -> list[str]:
+    """The layer names ``config`` selects in ``model`` (suffix or regex targets, exclusions, layer ids)."""
+    candidates = adaptable_layers(model)
+    heads = _output_head_names(model) if "all-linear" in config.targets else set()
+    chosen = []
+    for name in candidates:
+        targeted = (
+            ("all-linear" in config.targets and name not in heads)
+            or any(_suffix_match(name, t) for t in config.targets if t != "all-linear")
+            or (config.target_regex is not None and re.fullmatch(config.target_regex, name) is not None)
+        )
+        if not targeted or _matches_any(name, config.exclude):
+            continue
+        if config.layers is not None and _layer_index(name, config.layers_pattern) not in config.layers:
+            continue
+        chosen.append(name)
+    if not chosen:
+        raise AttachError(_no_match_message(model, config, candidates))
+    return chosen
+
+
+def _no_match_message(model: nn.Module, config: AdapterConfig, candidates: list[str]) -> str:
+    wanted = [*config.targets, *([config.target_regex] if config.target_regex else [])]
+    suffixes = {n.rpartition(".")[2]: n for n in candidates}
+    close = [suffixes[s] for w in wanted for s in difflib.get_close_matches(w.rpartition(".")[2], suffixes, n=3)]
+    close = close or candidates[:5]
+    extra = f", layers={config.layers}" if config.layers is not None else ""
+    extra += f", exclude={config.exclude}" if config.exclude else ""
+    return (
+        f"{config.method}: targets {wanted}{extra} match no adaptable layer of {type(model).__name__}; "
+        f"closest module names: {', '.join(dict.fromkeys(close))}"
+    )
+
+
+def _replace(model: nn.Module, name: str, new: nn.Module) -> None:
+    setattr(_parent(model, name), name.rpartition(".")[2], new)
+
+
+def attach(model: nn.Module, config: AdapterConfig, name: str = "default", *, active: bool = True) -> nn.Module:
+    """Attach one adapter called ``name`` to the layers ``config`` selects; freeze everything else.
+
+    Returns ``model`` itself (changed in place). Several adapters may be attached under different names.
+    """
+    if not name or not name.isidentifier():
+        raise AttachError(f"adapter name {name!r} must be a non-empty identifier (letters, digits, _)")
+    if name in adapter_names(model):
+        raise AttachError(f"model already has an adapter named {name!r}; delete it first or pick another name")
+    targets = select_targets(model, config)
+    for mha_name in dict.fromkeys(t.rpartition(".")[0] for t in targets):
+        owner = model.get_submodule(mha_name)
+        if isinstance(owner, nn.MultiheadAttention):
+            if not mha_name:
+                raise AttachError("cannot adapt a bare nn.MultiheadAttention in place; wrap it in a module")
+            _replace(model, mha_name, SplitMultiheadAttention(owner, mha_name))
+    for target in targets:
+        layer = model.get_submodule(target)
+        if not isinstance(layer, AdaptedLinear):
+            layer = AdaptedLinear(layer)
+            _replace(model, target, layer)
+        in_features, out_features = linear_features(layer.base)
+        layer.add(name, config.build(in_features, out_features, weight_out_in(layer.base)), active=active)
+        layer.adapters[name].config = config
+    freeze_base(model)
+    return model
+
+
+def freeze_base(model: nn.Module) -> None:
+    """Everything but adapter parameters stops training; adapters keep their own choice (e.g. frozen A)."""
+    adapter_params = {id(p) for _, layer in adapted_layers(model) for p in layer.adapters.parameters()}
+    for param in model.parameters():
+        if id(param) not in adapter_params:
+            param.requires_grad_(False)
+
+
+def adapted_layers(model: nn.Module) -> Iterator[tuple[str, AdaptedLinear]]:
+    for name, module in model.named_modules():
+        if isinstance(module, AdaptedLinear):
+            yield name, module
+
+
+def adapter_names(model: nn.Module) -> list[str]:
+    """Names of the adapters attached to ``model``, in attach order."""
+    return list(dict.fromkeys(n for _, layer in adapted_layers(model) for n in layer.adapters))
+
+
+def active_adapters(model: nn.Module) -> list[str]:
+    return list(dict.fromkeys(n for _, layer in adapted_layers(model) for n in layer.active))
+
+
+def adapter_config(model: nn.Module, name: str) -> AdapterConfig:
+    for _, layer in adapted_layers(model):
+        if name in layer.adapters:
+            return layer.adapters[name].config
+    raise KeyError(f"model has no adapter {name!r}; it has {adapter_names(model)}")
+
+
+def set_active(model: nn.Module, names: str | list[str]) -> None:
+    """Make exactly these adapters active (their updates add up); the others stay attached, unused."""
+    names = [names] if isinstance(names, str) else list(names)
+    missing = sorted(set(names) - set(adapter_names(model)))
+    if missing:
+        raise KeyError(f"model has no adapter(s) {missing}; it has {adapter_names(model)}")
+    for _, layer in adapted_layers(model):
+        layer.set_active(names)
+
+
+@contextlib.contextmanager
+def disable_adapters(model: nn.Module) -> Iterator[nn.Module]:
+    """Run the base model alone inside the block."""
+    layers = [layer for _, layer in adapted_layers(model)]
+    merged = sorted({n for layer in layers for n in layer.merged})
+    if merged:
+        raise RuntimeError(f"cannot disable adapters while {merged} are merged; call mm.unmerge first")
+    for layer in layers:
+        layer.disabled = True
+    try:
+        yield model
+    finally:
+        for layer in layers:
+            layer.disabled = False
+
+
+def delete_adapter(model: nn.Module, name: str) -> None:
+    """Remove an adapter everywhere; layers left with none go back to their original modules."""
+    if name not in adapter_names(model):
+        raise KeyError(f"model has no adapter {name!r}; it has {adapter_names(model)}")
+    for layer_name, layer in list(adapted_layers(model)):
+        if name in layer.adapters:
+            layer.remove(name)
+            if not layer.adapters:
+                _replace(model, layer_name, layer.base)
+    restore_unadapted_attention(model)
+
+
+def restore_unadapted_attention(model: nn.Module) -> None:
+    """Split attention modules with no adapter left become plain ``nn.MultiheadAttention`` again."""
+    for name, module in list(model.named_modules()):
+        if isinstance(module, SplitMultiheadAttention) and not any(
+            isinstance(getattr(module, p), AdaptedLinear) for p in PROJECTIONS
+        ):
+            _replace(model, name, module.to_mha())

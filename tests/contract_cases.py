@@ -1,0 +1,48 @@
+"""One row per adapter method (or variant) for the contract suite in tests/mm/test_contract.py.
+
+A new method joins the suite by adding a row here; `test_every_method_has_a_case` fails until it does.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+import mm
+
+
+@dataclass
+class Case:
+    method: str
+    options: dict[str, Any] = field(default_factory=dict)
+    identity_at_init: bool = True  # the method promises base output before training
+    mergeable: bool = True  # the update is a weight delta
+    # Data-driven initialisers (EVA, LoRA-GA, ...) run here: (model, adapter name, input) -> None.
+    prepare: Callable[[nn.Module, str, torch.Tensor], None] | None = None
+
+    def config(self, targets: list[str]) -> mm.AdapterConfig:
+        return mm.AdapterConfig.from_dict({"method": self.method, "targets": targets, **self.options})
+
+
+CASES: dict[str, Case] = {
+    "lora": Case("lora", {"r": 4, "alpha": 8.0}),
+    "lora-rslora-gaussian": Case("lora", {"r": 4, "alpha": 8.0, "rslora": True, "init": "gaussian"}),
+    "lora-ffa": Case("lora", {"r": 4, "alpha": 8.0, "freeze_a": True}),
+}
+
+
+@torch.no_grad()
+def perturb(model: nn.Module, name: str | None = None, seed: int = 0, scale: float = 0.1) -> None:
+    """Stand-in for training: move every trainable adapter tensor (of ``name``, or all) off its init."""
+    gen = torch.Generator().manual_seed(seed)
+    for _, layer in mm.adapted_layers(model):
+        for adapter_name, adapter in layer.adapters.items():
+            if name is not None and adapter_name != name:
+                continue
+            for param in adapter.parameters():
+                if param.requires_grad:
+                    param.add_(torch.randn(param.shape, generator=gen).to(param) * scale)
