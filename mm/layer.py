@@ -66,7 +66,7 @@ class AdaptedLinear(nn.Module):
             return out
         for name in self.active:
             if name not in self.merged:
-                out = self.adapters[name](x, out)
+                out = self.adapters[name](x, out, self.base)
         return out
 
     def add(self, name: str, adapter: Adapter, *, active: bool = True) -> None:
@@ -79,6 +79,7 @@ class AdaptedLinear(nn.Module):
     def remove(self, name: str) -> None:
         if name in self.merged:
             self.unmerge([name])
+        self.adapters[name].release(self.base)
         del self.adapters[name]
         self.active = tuple(n for n in self.active if n != name)
 
@@ -90,7 +91,7 @@ class AdaptedLinear(nn.Module):
         weight = weight_out_in(self.base)
         for name in names:
             if name in self.adapters and name not in self.merged:
-                weight.add_(self.adapters[name].delta_weight().to(weight.dtype))
+                weight.add_(self.adapters[name].delta_weight(self.base).to(weight.dtype))
                 self.merged.append(name)
 
     @torch.no_grad()
@@ -98,7 +99,7 @@ class AdaptedLinear(nn.Module):
         weight = weight_out_in(self.base)
         for name in list(self.merged if names is None else names):
             if name in self.merged:
-                weight.sub_(self.adapters[name].delta_weight().to(weight.dtype))
+                weight.sub_(self.adapters[name].delta_weight(self.base).to(weight.dtype))
                 self.merged.remove(name)
 
     def extra_repr(self) -> str:

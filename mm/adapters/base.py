@@ -18,23 +18,28 @@ class NotMergeableError(RuntimeError):
 class Adapter(nn.Module):
     """One adapter on one linear layer.
 
-    ``AdaptedLinear`` calls ``forward(x, out)`` with the layer input and the base output and uses what it
-    returns, so an adapter may fuse its addition into ``out`` (LoRA does, with one ``addmm_``).
+    ``AdaptedLinear`` calls ``forward(x, out, base)`` with the layer input, the base output and the frozen
+    base module, and uses what it returns, so an adapter may fuse its addition into ``out`` (LoRA does,
+    with one ``addmm_``). ``base`` is there for methods whose update depends on the base weight (Bone);
+    ``mm.layer.weight_out_in(base)`` gives that weight as (out, in) whatever the layer type.
     """
 
     #: False for adapters whose update depends on the input beyond a fixed matrix (routed mixtures).
     mergeable: bool = True
 
-    def forward(self, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
-        return out + self.delta(x).to(out.dtype)
+    def forward(self, x: torch.Tensor, out: torch.Tensor, base: nn.Module) -> torch.Tensor:
+        return out + self.delta(x, base).to(out.dtype)
 
-    def delta(self, x: torch.Tensor) -> torch.Tensor:
+    def delta(self, x: torch.Tensor, base: nn.Module) -> torch.Tensor:
         """The update this adapter adds to the base output for input ``x``."""
         raise NotImplementedError
 
-    def delta_weight(self) -> torch.Tensor:
+    def delta_weight(self, base: nn.Module) -> torch.Tensor:
         """The update as an (out_features, in_features) weight, for merging."""
         raise NotMergeableError(f"{type(self).__name__} has no single weight delta and cannot be merged")
+
+    def release(self, base: nn.Module) -> None:
+        """Called when the adapter is deleted: undo what attaching did to ``base`` (e.g. PiSSA's residual)."""
 
 
 def add_matmul_(out: torch.Tensor, h: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:

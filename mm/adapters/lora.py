@@ -72,7 +72,7 @@ class LoRA(Adapter):
         r, in_features = self.lora_A.shape
         return f"r={r}, in={in_features}, out={self.lora_B.shape[0]}, scaling={self.scaling:g}"
 
-    def forward(self, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, out: torch.Tensor, base: nn.Module) -> torch.Tensor:
         if x.dtype != self.lora_A.dtype:
             x = x.to(self.lora_A.dtype)
         if self.dropout is not None:
@@ -81,10 +81,10 @@ class LoRA(Adapter):
         h = F.linear(x, self.lora_A) * self.scaling
         return add_matmul_(out, h.to(out.dtype), self.lora_B.to(out.dtype))
 
-    def delta(self, x: torch.Tensor) -> torch.Tensor:
+    def delta(self, x: torch.Tensor, base: nn.Module) -> torch.Tensor:
         if self.dropout is not None:
             x = self.dropout(x)
         return F.linear(F.linear(x, self.lora_A), self.lora_B) * self.scaling
 
-    def delta_weight(self) -> torch.Tensor:
+    def delta_weight(self, base: nn.Module) -> torch.Tensor:
         return (self.lora_B @ self.lora_A) * self.scaling
