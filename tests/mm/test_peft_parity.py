@@ -1,0 +1,74 @@
+"""The same LoRA weights give the same outputs in mmtune and HF PEFT, through export and import."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from contract_cases import perturb
+from toys import TOYS
+
+import mm
+
+peft = pytest.importorskip("peft")
+
+PARITY_TOYS = ["mlp", "llama", "gpt2"]  # gpt2 covers transformers' Conv1D (fan_in_fan_out)
+
+
+@pytest.mark.parametrize("rslora", [False, True], ids=["lora", "rslora"])
+@pytest.mark.parametrize("toy_name", PARITY_TOYS)
+def test_export_loads_in_peft_with_same_outputs(toy_name, rslora, tmp_path):
+    toy = TOYS[toy_name]
+    model, x = toy.build(), toy.make_input()
+    mm.attach(model, mm.LoRAConfig(targets=toy.targets, r=4, alpha=6.0, rslora=rslora))
+    perturb(model, scale=0.2)
+    expected = toy.run(model, x)
+    mm.export_peft(model, tmp_path / "peft")
+    config = json.loads((tmp_path / "peft" / "adapter_config.json").read_text())
+    assert config["use_rslora"] is rslora and config["r"] == 4
+    peft_model = peft.PeftModel.from_pretrained(toy.build(), tmp_path / "peft").eval()
+    assert (toy.run(peft_model, x) - toy.run(toy.build(), x)).abs().max() > 1e-3, "PEFT loaded a no-op"
+    torch.testing.assert_close(toy.run(peft_model, x), expected, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("rslora", [False, True], ids=["lora", "rslora"])
+@pytest.mark.parametrize("toy_name", PARITY_TOYS)
+def test_import_reads_peft_adapter_with_same_outputs(toy_name, rslora, tmp_path):
+    toy = TOYS[toy_name]
+    config = peft.LoraConfig(r=4, lora_alpha=12, target_modules=toy.targets, use_rslora=rslora,
+                             init_lora_weights=False)  # random B, so the adapter is not a no-op
+    torch.manual_seed(3)
+    peft_model = peft.get_peft_model(toy.build(), config).eval()
+    x = toy.make_input()
+    expected = toy.run(peft_model, x)
+    peft_model.save_pretrained(tmp_path / "peft")
+    model = mm.import_peft(toy.build(), tmp_path / "peft", name="imported")
+    assert mm.adapter_names(model) == ["imported"]
+    torch.testing.assert_close(toy.run(model, x), expected, rtol=1e-5, atol=1e-5)
+    assert (expected - toy.run(toy.build(), x)).abs().max() > 1e-3
+
+
+def test_export_refuses_methods_peft_lora_cannot_hold(tmp_path):
+    toy = TOYS["vit"]
+    model = toy.build()
+    mm.attach(model, mm.LoRAConfig(targets=["q_proj"]))
+    with pytest.raises(TypeError, match="q_proj: PEFT packs q/k/v"):
+        mm.export_peft(model, tmp_path / "out")
+
+
+def test_import_refuses_unsupported_peft_options(tmp_path):
+    toy = TOYS["mlp"]
+    peft.get_peft_model(toy.build(), peft.LoraConfig(r=2, target_modules=["fc1"], use_dora=True)).save_pretrained(
+        tmp_path / "dora")
+    with pytest.raises(mm.AdapterStateError, match="adapter_config.json: key 'use_dora'"):
+        mm.import_peft(toy.build(), tmp_path / "dora")
+
+
+def test_import_of_layers_the_model_lacks_names_them(tmp_path):
+    toy = TOYS["mlp"]
+    peft.get_peft_model(toy.build(), peft.LoraConfig(r=2, target_modules=["fc1", "fc2"])).save_pretrained(
+        tmp_path / "p")
+    other = torch.nn.Sequential(torch.nn.Linear(12, 24))  # no fc1/fc2
+    with pytest.raises(mm.AttachError, match="match no adaptable layer"):
+        mm.import_peft(other, tmp_path / "p")
