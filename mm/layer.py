@@ -8,6 +8,7 @@ import torch
 from torch import nn
 
 from mm.adapters.base import Adapter
+from mm.route import current_route
 
 
 def is_conv1d(module: nn.Module) -> bool:
@@ -64,9 +65,26 @@ class AdaptedLinear(nn.Module):
             if self.merged:
                 raise RuntimeError(f"cannot disable adapters {self.merged}: they are merged; unmerge first")
             return out
+        route = current_route()
+        if route is not None and route.row_adapters is not None:
+            return self._forward_rows(x, out, route.row_adapters)
         for name in self.active:
             if name not in self.merged:
                 out = self.adapters[name](x, out, self.base)
+        return out
+
+    def _forward_rows(self, x: torch.Tensor, out: torch.Tensor, row_adapters: tuple[str | None, ...]) -> torch.Tensor:
+        """Heterogeneous batch: row i gets only adapter ``row_adapters[i]``, grouped so each adapter runs once."""
+        if len(row_adapters) != x.shape[0]:
+            raise ValueError(f"route gives adapters for {len(row_adapters)} rows, the batch has {x.shape[0]}")
+        if self.merged:
+            raise RuntimeError(f"per-row adapters need unmerged adapters; {self.merged} are merged")
+        for name in dict.fromkeys(n for n in row_adapters if n is not None):
+            if name not in self.adapters:
+                continue  # this layer is not adapted by that adapter: its rows keep the base output
+            rows = torch.tensor([i for i, n in enumerate(row_adapters) if n == name], device=x.device)
+            # out[rows] is a copy, so the adapter may add into it in place.
+            out = out.index_copy(0, rows, self.adapters[name](x[rows], out[rows], self.base))
         return out
 
     def add(self, name: str, adapter: Adapter, *, active: bool = True) -> None:
