@@ -118,3 +118,10 @@ class AdapterConfig:
     def build(self, in_features: int, out_features: int, base_weight: Any) -> Any:
         """The adapter module for one layer; each method implements it."""
         raise NotImplementedError(f"{type(self).__name__} does not build a module")
+
+    def build_for(self, layer_name: str, in_features: int, out_features: int, base_weight: Any) -> Any:
+        """The adapter module for the layer called ``layer_name``; ``attach`` calls this.
+
+        Methods whose shape differs per layer (EVA's redistributed ranks) override it; the rest build alike.
+        """
+        return self.build(in_features, out_features, base_weight)

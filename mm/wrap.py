@@ -131,7 +131,8 @@ def attach(model: nn.Module, config: AdapterConfig, name: str = "default", *, ac
             layer = AdaptedLinear(layer)
             _replace(model, target, layer)
         in_features, out_features = linear_features(layer.base)
-        layer.add(name, config.build(in_features, out_features, weight_out_in(layer.base)), active=active)
+        module = config.build_for(target, in_features, out_features, weight_out_in(layer.base))
+        layer.add(name, module, active=active)
         layer.adapters[name].config = config
     freeze_base(model)
     return model
