@@ -124,15 +124,16 @@ def attach(model: nn.Module, config: AdapterConfig, name: str = "default", *, ac
         if isinstance(owner, nn.MultiheadAttention):
             if not mha_name:
                 raise AttachError("cannot adapt a bare nn.MultiheadAttention in place; wrap it in a module")
-            _replace(model, mha_name, SplitMultiheadAttention(owner, mha_name))
+            # New modules start in training mode; follow the module they replace (model.eval() before attach).
+            _replace(model, mha_name, SplitMultiheadAttention(owner, mha_name).train(owner.training))
     for target in targets:
         layer = model.get_submodule(target)
         if not isinstance(layer, AdaptedLinear):
-            layer = AdaptedLinear(layer)
+            layer = AdaptedLinear(layer).train(layer.training)
             _replace(model, target, layer)
         in_features, out_features = linear_features(layer.base)
         module = config.build_for(target, in_features, out_features, weight_out_in(layer.base))
-        layer.add(name, module, active=active)
+        layer.add(name, module.train(layer.training), active=active)
         layer.adapters[name].config = config
     freeze_base(model)
     return model

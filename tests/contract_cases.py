@@ -32,6 +32,11 @@ CASES: dict[str, Case] = {
     "lora": Case("lora", {"r": 4, "alpha": 8.0}),
     "lora-rslora-gaussian": Case("lora", {"r": 4, "alpha": 8.0, "rslora": True, "init": "gaussian"}),
     "lora-ffa": Case("lora", {"r": 4, "alpha": 8.0, "freeze_a": True}),
+    "lora_xs": Case("lora_xs", {"r": 4, "alpha": 4.0, "init_std": 0.0}),
+    "lora_xs-paper-init": Case("lora_xs", {"r": 4, "alpha": 4.0}, identity_at_init=False),
+    "lora_sb": Case("lora_sb", {"r": 4, "alpha": 4.0}, identity_at_init=False, prepare=lambda model, name, x: mm.adapters.lora_sb.initialize(model, [x], lambda m, b: getattr(out := m(b), "logits", out).float().pow(2).mean(), name=name)),  # noqa: E501
+    "loldu": Case("loldu", {"r": 4, "alpha": 4.0}),
+    "dylora": Case("dylora", {"r": 4, "alpha": 8.0, "eval_rank": 3}),
 }
 
 
