@@ -32,6 +32,10 @@ CASES: dict[str, Case] = {
     "lora": Case("lora", {"r": 4, "alpha": 8.0}),
     "lora-rslora-gaussian": Case("lora", {"r": 4, "alpha": 8.0, "rslora": True, "init": "gaussian"}),
     "lora-ffa": Case("lora", {"r": 4, "alpha": 8.0, "freeze_a": True}),
+    "pissa-adapter-residual": Case("pissa", {"r": 4, "alpha": 4.0, "residual": "adapter"}),  # residual="base" (the default) edits the base weight, so disable/switch do not give W: tests/mm/test_pissa.py covers it
+    "pissa-fast-adapter-residual": Case("pissa", {"r": 4, "alpha": 8.0, "svd": "fast", "niter": 2, "residual": "adapter"}),
+    "lora_ga-adapter-residual": Case("lora_ga", {"r": 4, "alpha": 8.0, "residual": "adapter"}, prepare=lambda model, name, x: mm.adapters.lora_ga.initialize(model, [x, x.flip(0)], lambda m, b: getattr(out := m(b), "logits", out).float().pow(2).mean(), name=name)),  # noqa: E501
+    "eva": Case("eva", {"r": 4, "alpha": 8.0, "tau": 0.9}, prepare=lambda model, name, x: mm.adapters.eva.initialize(model, [torch.randn(x.shape, generator=torch.Generator().manual_seed(i)) if x.is_floating_point() else torch.randint(0, int(x.max()) + 1, x.shape, generator=torch.Generator().manual_seed(i)) for i in range(8)], name=name, max_passes=20)),  # noqa: E501
     "lora_xs": Case("lora_xs", {"r": 4, "alpha": 4.0, "init_std": 0.0}),
     "lora_xs-paper-init": Case("lora_xs", {"r": 4, "alpha": 4.0}, identity_at_init=False),
     "lora_sb": Case("lora_sb", {"r": 4, "alpha": 4.0}, identity_at_init=False, prepare=lambda model, name, x: mm.adapters.lora_sb.initialize(model, [x], lambda m, b: getattr(out := m(b), "logits", out).float().pow(2).mean(), name=name)),  # noqa: E501

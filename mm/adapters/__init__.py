@@ -1,6 +1,8 @@
 """Adapter methods, one module per method. Importing this package registers all of them."""
 
-from mm.adapters import dylora, loldu, lora, lora_sb, lora_xs  # noqa: F401  (importing registers them)
+from mm.adapters import (  # noqa: F401  (importing registers them)
+    dylora, eva, loldu, lora, lora_ga, lora_sb, lora_xs, pissa,
+)
 from mm.adapters.base import ADAPTERS, Adapter, NotMergeableError
 
 __all__ = ["ADAPTERS", "Adapter", "NotMergeableError", "lora"]
