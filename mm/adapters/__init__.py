@@ -1,7 +1,14 @@
 """Adapter methods, one module per method. Importing this package registers all of them."""
 
 from mm.adapters import (  # noqa: F401  (importing registers them)
-    dylora, eva, loldu, lora, lora_ga, lora_sb, lora_xs, pissa,
+    dylora,
+    eva,
+    loldu,
+    lora,
+    lora_ga,
+    lora_sb,
+    lora_xs,
+    pissa,
 )
 from mm.adapters.base import ADAPTERS, Adapter, NotMergeableError
 
