@@ -41,6 +41,8 @@ CASES: dict[str, Case] = {
     "lora_sb": Case("lora_sb", {"r": 4, "alpha": 4.0}, identity_at_init=False, prepare=lambda model, name, x: mm.adapters.lora_sb.initialize(model, [x], lambda m, b: getattr(out := m(b), "logits", out).float().pow(2).mean(), name=name)),  # noqa: E501
     "loldu": Case("loldu", {"r": 4, "alpha": 4.0}),
     "dylora": Case("dylora", {"r": 4, "alpha": 8.0, "eval_rank": 3}),
+    "mole": Case("mole", {"r": 4, "alpha": 8.0, "num_experts": 2}, mergeable=False),
+    "mixlora": Case("mixlora", {"r": 4, "alpha": 8.0, "num_experts": 3, "top_k": 2}, mergeable=False),
 }
 
 

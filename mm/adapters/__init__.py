@@ -8,6 +8,8 @@ from mm.adapters import (  # noqa: F401  (importing registers them)
     lora_ga,
     lora_sb,
     lora_xs,
+    mixlora,
+    mole,
     pissa,
 )
 from mm.adapters.base import ADAPTERS, Adapter, NotMergeableError

@@ -1,0 +1,40 @@
+"""MixLoRA (Li et al., 2024): top-k LoRA experts on the feed-forward block with a load-balance loss.
+
+The router takes the softmax over E experts, keeps the top k and renormalises their probabilities to sum
+to 1 (as the authors' m-LoRA code does); each token's projection output is the gate-weighted sum of its
+chosen experts' LoRA updates on the frozen weight. The auxiliary loss ``E * sum_i f_i P_i`` is returned,
+times ``aux_loss_coef``, by ``mm.adapters.moe.aux_loss(model)``. MixLoRA's independently configured
+attention LoRA is a second adapter: ``mm.attach(model, LoRAConfig(targets=[q, k, v, o]), "attn")``.
+
+One difference from the paper: MixLoRA computes each chosen expert's whole FFN, ``sum_j g_j FFN_j(x)``,
+passing k intermediate activations through the nonlinearity. Here each projection mixes its experts
+(``W x + sum_j g_j B_j A_j x``) so every layer keeps its output shape and composes with other adapters on
+the same layer; with top_k = 1 the two are identical. Router, dispatch and MoLA per-layer expert counts
+live in ``mm.adapters.moe``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import ClassVar
+
+from mm.adapters.base import ADAPTERS
+from mm.adapters.moe import MixtureConfig
+from mm.config import ConfigError
+
+
+@ADAPTERS.register("mixlora")
+@dataclass
+class MixLoRAConfig(MixtureConfig):
+    """MixLoRA: top-k LoRA experts on the FFN with an auxiliary load-balance loss."""
+
+    method: ClassVar[str] = "mixlora"
+    renormalize: ClassVar[bool] = True
+
+    num_experts: int = field(default=8, metadata={"help": "LoRA experts per layer (each of rank r)."})
+    top_k: int = field(default=2, metadata={"help": "Experts each token uses (their gates sum to 1)."})
+
+    def validate(self) -> None:
+        if isinstance(self.top_k, int) and not isinstance(self.top_k, bool) and self.top_k < 1:
+            raise ConfigError(f"mixlora: key 'top_k' must be >= 1, got {self.top_k}")
+        super().validate()

@@ -1,0 +1,398 @@
+"""Mixtures of LoRA experts: the router, the grouped dispatch and the balance loss that MoLE and MixLoRA share.
+
+Each adapted projection holds E LoRA experts stacked as ``lora_A`` (E, r, in) and ``lora_B`` (E, out, r). A
+router (E logits per token, computed in fp32) picks the top-k experts e_1..e_k of each token with gates
+g_1..g_k, and the projection returns ``W x + sum_j g_j * (alpha / r) * B_{e_j} A_{e_j} x``.
+
+Router scope ``"block"`` (MoLE, MixLoRA): the adapted projections under one parent module (an LLM MLP's
+gate/up/down, open_clip's c_fc/c_proj) share one router, so a token uses the same experts in every
+projection of the block; an expert is the block with that expert's LoRAs. The projections whose input width
+is the router's (those reading the block input) route; the others (down_proj, c_proj) reuse that routing for
+the same tokens. Scope ``"layer"`` gives every projection its own router (MoLA's layout).
+
+MoLA (Gao et al., 2024) is the per-layer expert count: ``layer_experts`` (a list by layer index) or
+``expert_groups`` with ``num_layers`` (equal groups of consecutive layers, e.g. [2, 4, 6, 8] = more experts
+in higher layers), resolved from the layer index in each module's name.
+
+Balance loss (Switch Transformer, as MixLoRA uses it): ``E * sum_i f_i * P_i`` with f_i the fraction of
+the T tokens routed to expert i (each of a token's k choices counts, as in the MixLoRA authors' code; for
+top-1 this is the paper's formula) and P_i the mean router probability of expert i. ``aux_loss(model)``
+returns every active mixture's coefficient times the mean of its routers' losses from the latest forward;
+``router_stats(model)`` gives tokens per expert and router entropy per block for logging.
+"""
+
+from __future__ import annotations
+
+import math
+import weakref
+from dataclasses import dataclass, field
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from mm.adapters.base import Adapter, NotMergeableError
+from mm.adapters.lora import LoRAConfig, _param_dtype
+from mm.config import ConfigError
+from mm.wrap import _layer_index, adapted_layers
+
+#: Router weights start small (normal, this std) so early routing is close to uniform, as in MixLoRA.
+ROUTER_INIT_STD = 0.02
+
+
+@dataclass
+class MixtureConfig(LoRAConfig):
+    """Fields shared by the mixtures of LoRA experts (not registered itself: use 'mole' or 'mixlora')."""
+
+    num_experts: int = field(default=4, metadata={"help": "LoRA experts per layer (each of rank r)."})
+    layer_experts: list[int] | None = field(
+        default=None, metadata={"help": "MoLA: experts for each layer index (layer i gets layer_experts[i])."}
+    )
+    expert_groups: list[int] | None = field(
+        default=None,
+        metadata={"help": "MoLA rule: expert counts for equal groups of consecutive layers, lowest first, e.g. "
+                  "[2, 4, 6, 8] (more in higher layers); needs num_layers."},
+    )
+    num_layers: int | None = field(
+        default=None, metadata={"help": "Depth of the model, for expert_groups."}
+    )
+    router_scope: Literal["block", "layer"] = field(
+        default="block",
+        metadata={"help": "'block': one router per parent module shared by its projections; 'layer': a "
+                  "router per projection (MoLA)."},
+    )
+    aux_loss_coef: float = field(
+        default=0.01, metadata={"help": "Weight of the load-balance loss that aux_loss(model) returns."}
+    )
+    dispatch: Literal["grouped", "loop"] = field(
+        default="grouped",
+        metadata={"help": "'grouped': tokens sorted by expert into one batched matmul; 'loop': the sorted "
+                  "tokens in one matmul per expert. Same result."},
+    )
+
+    top_k = 1  # the subclass decides: MoLE is top-1, MixLoRA a field
+    renormalize = True  # gates = chosen probabilities divided by their sum
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        self._groups: dict[str, tuple[weakref.ref, set[str]]] = {}  # block -> (router, projections) of one attach
+
+    def validate(self) -> None:
+        super().validate()
+        m = self.method
+        if self.router_scope not in ("block", "layer"):
+            raise ConfigError(f"{m}: key 'router_scope' must be 'block' or 'layer', got {self.router_scope!r}")
+        if self.dispatch not in ("grouped", "loop"):
+            raise ConfigError(f"{m}: key 'dispatch' must be 'grouped' or 'loop', got {self.dispatch!r}")
+        if self.aux_loss_coef < 0:
+            raise ConfigError(f"{m}: key 'aux_loss_coef' must be >= 0, got {self.aux_loss_coef}")
+        if self.layer_experts is not None and self.expert_groups is not None:
+            raise ConfigError(f"{m}: give 'layer_experts' or 'expert_groups', not both")
+        if (self.expert_groups is None) != (self.num_layers is None):
+            raise ConfigError(f"{m}: 'expert_groups' and 'num_layers' go together (the rule needs the depth)")
+        if self.num_layers is not None and self.num_layers < len(self.expert_groups or []):
+            raise ConfigError(f"{m}: key 'num_layers' ({self.num_layers}) is smaller than the number of "
+                              f"expert_groups ({len(self.expert_groups)})")
+        for key in ("num_experts", "layer_experts", "expert_groups"):
+            value = getattr(self, key)
+            for count in [value] if isinstance(value, int) else value or []:
+                if count < max(1, self.top_k):
+                    raise ConfigError(f"{m}: key {key!r} has {count} experts; each layer needs at least "
+                                      f"top_k={self.top_k} (and 1)")
+
+    def experts_at(self, layer_name: str) -> int:
+        """The expert count of the layer called ``layer_name`` (MoLA's per-layer allocation, or num_experts)."""
+        if self.layer_experts is None and self.expert_groups is None:
+            return self.num_experts
+        index = _layer_index(layer_name, self.layers_pattern)
+        if index is None:
+            raise ConfigError(f"{self.method}: module {layer_name!r} has no layer index for per-layer expert "
+                              "counts; set 'layers_pattern' (e.g. 'layers', 'resblocks')")
+        if self.layer_experts is not None:
+            if index >= len(self.layer_experts):
+                raise ConfigError(f"{self.method}: 'layer_experts' has {len(self.layer_experts)} entries, "
+                                  f"module {layer_name!r} is layer {index}")
+            return self.layer_experts[index]
+        if index >= self.num_layers:
+            raise ConfigError(f"{self.method}: module {layer_name!r} is layer {index}, but num_layers is "
+                              f"{self.num_layers}")
+        return self.expert_groups[index * len(self.expert_groups) // self.num_layers]
+
+    def _router_for(self, layer_name: str, in_features: int, experts: int, device: torch.device) -> tuple[Router, bool]:
+        """(router, whether this layer owns it): block scope shares one router per parent per attach."""
+        if self.router_scope == "layer":
+            return Router(in_features, experts, self, layer_name, device), True
+        block, _, leaf = layer_name.rpartition(".")
+        ref, members = self._groups.get(block, (None, set()))
+        router = ref() if ref is not None else None
+        if router is None or leaf in members:  # a leaf seen again: this is a new attach of the config
+            router, members = Router(in_features, experts, self, block, device), set()
+            self._groups[block] = (weakref.ref(router), members)
+            owner = True
+        else:
+            owner = False
+            if router.num_experts != experts:
+                raise ConfigError(f"{self.method}: {layer_name!r} resolves to {experts} experts but its block "
+                                  f"{block!r} already has {router.num_experts}")
+        members.add(leaf)
+        return router, owner
+
+    def build_for(self, layer_name: str, in_features: int, out_features: int, base_weight: torch.Tensor):
+        experts = self.experts_at(layer_name)
+        router, owner = self._router_for(layer_name, in_features, experts, base_weight.device)
+        return MixtureOfLoRAExperts(self, in_features, out_features, router=router, owns_router=owner,
+                                    dtype=_param_dtype(base_weight), device=base_weight.device)
+
+    def build(self, in_features: int, out_features: int, base_weight: torch.Tensor):
+        return self.build_for("", in_features, out_features, base_weight)
+
+
+@dataclass
+class Routing:
+    """One routing decision: for T tokens, the k chosen experts (T, k) and their gates (T, k)."""
+
+    experts: torch.Tensor
+    gates: torch.Tensor
+
+
+def load_balance_loss(probs: torch.Tensor, experts: torch.Tensor) -> torch.Tensor:
+    """``E * sum_i f_i * P_i``: f_i = (choices of expert i) / T over the (T, k) ``experts``, P_i = mean prob."""
+    tokens, num_experts = probs.shape
+    counts = torch.bincount(experts.reshape(-1), minlength=num_experts).to(probs.dtype)
+    return num_experts * torch.sum(counts / tokens * probs.mean(0))
+
+
+class Router(nn.Module):
+    """Top-k softmax router; keeps its latest routing (so a block's later projections reuse it), loss, stats."""
+
+    def __init__(self, in_features: int, num_experts: int, config: MixtureConfig, block: str,
+                 device: torch.device) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(num_experts, in_features, dtype=torch.float32, device=device))
+        nn.init.normal_(self.weight, std=ROUTER_INIT_STD)
+        self.in_features, self.num_experts, self.block = in_features, num_experts, block
+        self.top_k, self.renormalize = config.top_k, config.renormalize
+        self._clear()
+
+    def _clear(self) -> None:
+        self._input: weakref.ref | None = None
+        self.routing: Routing | None = None
+        self.balance_loss: torch.Tensor | None = None
+        self.tokens_per_expert: torch.Tensor | None = None
+        self.entropy: torch.Tensor | None = None
+
+    def __getstate__(self) -> dict:
+        # The latest routing holds autograd graph tensors, which copy.deepcopy and pickle refuse.
+        state = dict(self.__dict__)
+        state.update(_input=None, routing=None, balance_loss=None, tokens_per_expert=None, entropy=None)
+        return state
+
+    def extra_repr(self) -> str:
+        return f"block={self.block!r}, experts={self.num_experts}, top_k={self.top_k}"
+
+    def route(self, x: torch.Tensor, source: torch.Tensor) -> Routing:
+        """Route the (T, in) tokens ``x``; a second call with the same ``source`` tensor reuses the result."""
+        if self.routing is not None and self._input is not None and self._input() is source:
+            return self.routing
+        probs = F.linear(x.float(), self.weight).softmax(dim=-1)
+        top_probs, experts = probs.topk(self.top_k, dim=-1)
+        gates = top_probs / top_probs.sum(-1, keepdim=True) if self.renormalize else top_probs
+        self.routing = Routing(experts, gates)
+        self._input = weakref.ref(source)
+        self.balance_loss = load_balance_loss(probs, experts)
+        with torch.no_grad():
+            self.tokens_per_expert = torch.bincount(experts.reshape(-1), minlength=self.num_experts)
+            self.entropy = -(probs * probs.clamp_min(1e-12).log()).sum(-1).mean()
+        return self.routing
+
+    def reuse(self, tokens: int, where: str) -> Routing:
+        """The block's routing for a projection that does not read the block input (down_proj, c_proj)."""
+        if self.routing is None or self.routing.experts.shape[0] != tokens:
+            have = "none" if self.routing is None else f"{self.routing.experts.shape[0]} tokens"
+            raise RuntimeError(
+                f"{where}: this projection reuses the routing of block {self.block!r} for {tokens} tokens, but "
+                f"the block's router holds {have}; the block's input projections must run first on the same tokens"
+            )
+        return self.routing
+
+
+def grouped_delta(x: torch.Tensor, experts: torch.Tensor, gates: torch.Tensor, lora_A: torch.Tensor,
+                  lora_B: torch.Tensor) -> torch.Tensor:
+    """``sum_j gates[t, j] * B_e A_e x_t`` (e = experts[t, j]) for all tokens at once.
+
+    The T*k (token, choice) rows are sorted by expert and scattered into an (E, capacity, in) batch, so the
+    experts run as two batched matmuls; no Python loop over tokens or experts.
+    """
+    tokens, k = experts.shape
+    num_experts, out_features = lora_A.shape[0], lora_B.shape[1]
+    if tokens == 0:
+        return x.new_zeros(0, out_features)
+    flat = experts.reshape(-1)
+    order = torch.argsort(flat, stable=True)
+    counts = torch.bincount(flat, minlength=num_experts)
+    starts = torch.cumsum(counts, 0) - counts
+    slot = torch.empty_like(flat)
+    slot[order] = torch.arange(flat.numel(), device=flat.device) - starts[flat[order]]
+    capacity = int(counts.max())
+    token = torch.arange(tokens, device=x.device).repeat_interleave(k)
+    batch = x.new_zeros(num_experts, capacity, x.shape[-1])
+    batch[flat, slot] = x[token]
+    hidden = torch.bmm(batch, lora_A.transpose(1, 2))  # (E, capacity, r)
+    scale = gates.new_zeros(num_experts, capacity)
+    scale[flat, slot] = gates.reshape(-1)
+    outputs = torch.bmm(hidden * scale.unsqueeze(-1), lora_B.transpose(1, 2))  # (E, capacity, out)
+    return outputs[flat, slot].view(tokens, k, out_features).sum(1)
+
+
+def looped_delta(x: torch.Tensor, experts: torch.Tensor, gates: torch.Tensor, lora_A: torch.Tensor,
+                 lora_B: torch.Tensor) -> torch.Tensor:
+    """Same as ``grouped_delta``: rows sorted by expert once, then one matmul pair per expert's slice."""
+    tokens, k = experts.shape
+    if tokens == 0:
+        return x.new_zeros(0, lora_B.shape[1])
+    flat = experts.reshape(-1)
+    order = torch.argsort(flat, stable=True)
+    counts = torch.bincount(flat, minlength=lora_A.shape[0]).tolist()
+    token = order // k
+    rows = x[token]
+    scale = gates.reshape(-1)[order].unsqueeze(-1)
+    pieces = [
+        (rows_e @ lora_A[e].T * scale_e) @ lora_B[e].T
+        for e, (rows_e, scale_e) in enumerate(zip(rows.split(counts), scale.split(counts), strict=True))
+        if rows_e.shape[0]
+    ]
+    return x.new_zeros(tokens, lora_B.shape[1]).index_add(0, token, torch.cat(pieces))
+
+
+DISPATCH = {"grouped": grouped_delta, "loop": looped_delta}
+
+
+class MixtureOfLoRAExperts(Adapter):
+    """E LoRA experts on one projection, mixed per token by a (possibly block-shared) router."""
+
+    mergeable = False
+
+    def __init__(self, config: MixtureConfig, in_features: int, out_features: int, *, router: Router,
+                 owns_router: bool, dtype: torch.dtype, device: torch.device) -> None:
+        super().__init__()
+        experts = router.num_experts
+        self.scaling = config.scaling
+        self.method = config.method
+        self.lora_A = nn.Parameter(torch.empty(experts, config.r, in_features, dtype=dtype, device=device))
+        self.lora_B = nn.Parameter(torch.zeros(experts, out_features, config.r, dtype=dtype, device=device))
+        for expert_A in self.lora_A.data:  # per expert: a 3-D tensor's fan-in would count r * in
+            if config.init == "kaiming":
+                nn.init.kaiming_uniform_(expert_A, a=math.sqrt(5))
+            else:
+                nn.init.normal_(expert_A, std=1.0 / config.r)
+        self.lora_A.requires_grad_(not config.freeze_a)
+        self.dropout = nn.Dropout(config.dropout) if config.dropout > 0 else None
+        self.owns_router = owns_router
+        if owns_router:
+            self.router = router
+        else:  # not registered: its parameters are saved and trained once, with the owning projection
+            object.__setattr__(self, "shared_router", router)
+        self.routes_input = in_features == router.in_features
+        self.dispatch = DISPATCH[config.dispatch]
+
+    @property
+    def block_router(self) -> Router:
+        return self.router if self.owns_router else self.shared_router
+
+    def extra_repr(self) -> str:
+        experts, r, in_features = self.lora_A.shape
+        role = "routes" if self.routes_input else "reuses routing"
+        return (f"experts={experts}, r={r}, in={in_features}, out={self.lora_B.shape[1]}, "
+                f"scaling={self.scaling:g}, {role}, block={self.block_router.block!r}")
+
+    def routing_for(self, x: torch.Tensor) -> Routing:
+        flat = x.reshape(-1, x.shape[-1])
+        router = self.block_router
+        if self.routes_input:
+            return router.route(flat, x)
+        return router.reuse(flat.shape[0], f"{self.method} in block {router.block!r}")
+
+    def delta(self, x: torch.Tensor, base: nn.Module) -> torch.Tensor:
+        routing = self.routing_for(x)
+        flat = x.reshape(-1, x.shape[-1]).to(self.lora_A.dtype)
+        if self.dropout is not None:
+            flat = self.dropout(flat)
+        gates = (routing.gates * self.scaling).to(flat.dtype)
+        update = self.dispatch(flat, routing.experts, gates, self.lora_A, self.lora_B)
+        return update.view(*x.shape[:-1], update.shape[-1])
+
+    def forward(self, x: torch.Tensor, out: torch.Tensor, base: nn.Module) -> torch.Tensor:
+        update = self.delta(x, base)
+        if out.is_contiguous() and out.dtype == update.dtype:
+            return out.add_(update)  # into the base's fresh output: no full-size temporary
+        return out + update.to(out.dtype)
+
+    def delta_weight(self, base: nn.Module) -> torch.Tensor:
+        raise NotMergeableError(
+            f"{self.method} routes every token to its own experts, so its update is no single weight "
+            "delta and cannot be merged; keep it unmerged (mm.merge refuses, mm.disable_adapters still works)"
+        )
+
+
+def mixtures(model: nn.Module, *, active_only: bool = True):
+    """(adapter name, router) for each router of the model's mixtures (active ones by default)."""
+    for _, layer in adapted_layers(model):
+        for name, adapter in layer.adapters.items():
+            if not isinstance(adapter, MixtureOfLoRAExperts) or not adapter.owns_router:
+                continue
+            if active_only and (layer.disabled or name not in layer.active or name in layer.merged):
+                continue
+            yield name, adapter.router
+
+
+def aux_loss(model: nn.Module) -> torch.Tensor:
+    """Sum over active mixtures of ``aux_loss_coef * mean(router balance losses)`` from the latest forward.
+
+    Add it to the task loss: ``loss = task_loss + mm.adapters.moe.aux_loss(model)``.
+    """
+    losses: dict[str, list[torch.Tensor]] = {}
+    coefs: dict[str, float] = {}
+    for name, router in mixtures(model):
+        if router.balance_loss is not None:
+            losses.setdefault(name, []).append(router.balance_loss)
+    for _, layer in adapted_layers(model):
+        for name, adapter in layer.adapters.items():
+            if name in losses:
+                coefs[name] = adapter.config.aux_loss_coef
+    terms = [coefs[name] * torch.stack(values).mean() for name, values in losses.items()]
+    if not terms:
+        device = next(model.parameters()).device
+        return torch.zeros((), device=device)
+    return torch.stack(terms).sum()
+
+
+@dataclass
+class RouterStats:
+    adapter: str
+    block: str
+    tokens_per_expert: list[int]
+    entropy: float
+    balance_loss: float
+
+
+def router_stats(model: nn.Module) -> list[RouterStats]:
+    """Per router of the active mixtures, from the latest forward: tokens per expert, mean router entropy."""
+    return [
+        RouterStats(name, router.block, router.tokens_per_expert.tolist(), float(router.entropy),
+                    float(router.balance_loss.detach()))
+        for name, router in mixtures(model) if router.tokens_per_expert is not None
+    ]
+
+
+def router_logs(model: nn.Module, prefix: str = "moe") -> dict[str, float]:
+    """Flat scalars for a logger: per block the entropy, balance loss and each expert's token share."""
+    logs = {}
+    for stats in router_stats(model):
+        key = f"{prefix}/{stats.adapter}/{stats.block or 'root'}"
+        total = max(1, sum(stats.tokens_per_expert))
+        logs[f"{key}/entropy"] = stats.entropy
+        logs[f"{key}/balance_loss"] = stats.balance_loss
+        for expert, count in enumerate(stats.tokens_per_expert):
+            logs[f"{key}/expert{expert}"] = count / total
+    return logs
