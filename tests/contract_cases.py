@@ -41,6 +41,12 @@ CASES: dict[str, Case] = {
     "lora_sb": Case("lora_sb", {"r": 4, "alpha": 4.0}, identity_at_init=False, prepare=lambda model, name, x: mm.adapters.lora_sb.initialize(model, [x], lambda m, b: getattr(out := m(b), "logits", out).float().pow(2).mean(), name=name)),  # noqa: E501
     "loldu": Case("loldu", {"r": 4, "alpha": 4.0}),
     "dylora": Case("dylora", {"r": 4, "alpha": 8.0, "eval_rank": 3}),
+    "block_lora": Case("block_lora", {"r": 4, "alpha": 8.0, "blocks": 2}),
+    "nola": Case("nola", {"r": 4, "alpha": 8.0, "num_basis_a": 16, "num_basis_b": 16}),
+    "randlora": Case("randlora", {"r": 4, "alpha": 8.0}),
+    "bone": Case("bone", {"r": 4}),
+    "mos": Case("mos", {"r": 4, "alpha": 8.0, "pool_shards": 12, "private_shards": 2}),
+    "diffora": Case("diffora", {"r": 4, "alpha": 8.0}),
     "mole": Case("mole", {"r": 4, "alpha": 8.0, "num_experts": 2}, mergeable=False),
     "mixlora": Case("mixlora", {"r": 4, "alpha": 8.0, "num_experts": 3, "top_k": 2}, mergeable=False),
 }

@@ -1,6 +1,9 @@
 """Adapter methods, one module per method. Importing this package registers all of them."""
 
 from mm.adapters import (  # noqa: F401  (importing registers them)
+    block_lora,
+    bone,
+    diffora,
     dylora,
     eva,
     loldu,
@@ -10,7 +13,10 @@ from mm.adapters import (  # noqa: F401  (importing registers them)
     lora_xs,
     mixlora,
     mole,
+    mos,
+    nola,
     pissa,
+    randlora,
 )
 from mm.adapters.base import ADAPTERS, Adapter, NotMergeableError
 
