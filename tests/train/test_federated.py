@@ -1,0 +1,168 @@
+"""FFA-LoRA federated averaging (averaging B is exact) and DP-SGD on clients (clipping, noise, no-op case)."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from toys import TinyMLP
+
+import mm
+from train.federated import (
+    DPConfig,
+    average_states,
+    dp_sgd_step,
+    federated_average,
+    per_sample_gradients,
+    privatize,
+)
+
+
+def _model(freeze_a: bool = True, dtype=torch.float64) -> TinyMLP:
+    torch.manual_seed(0)
+    model = TinyMLP().to(dtype)
+    return mm.attach(model, mm.LoRAConfig(targets=["fc1", "fc2"], r=4, alpha=8.0, freeze_a=freeze_a))
+
+
+def _clients(n: int = 3, batches: int = 2, dtype=torch.float64) -> list[list[tuple[torch.Tensor, torch.Tensor]]]:
+    """Client c sees inputs shifted by 0.5 c (non-IID); every client's label is the same function of x."""
+    gen = torch.Generator().manual_seed(5)
+    clients = []
+    for c in range(n):
+        inputs = [torch.randn(16, 12, generator=gen, dtype=dtype) + 0.5 * c for _ in range(batches)]
+        clients.append([(x, x[:, :5].argmax(dim=1)) for x in inputs])
+    return clients
+
+
+def _loss(model, batch):
+    x, y = batch
+    return torch.nn.functional.cross_entropy(model(x), y)
+
+
+def _updates(model, state):
+    """Each layer's LoRA update B A (scaled) for a given trainable state."""
+    out = {}
+    for layer_name, layer in mm.adapted_layers(model):
+        lora = layer.adapters["default"]
+        b = state.get(f"{layer_name}.adapters.default.lora_B", lora.lora_B)
+        a = state.get(f"{layer_name}.adapters.default.lora_A", lora.lora_A)
+        out[layer_name] = (b @ a) * lora.scaling
+    return out
+
+
+def test_with_a_frozen_the_mean_of_client_updates_is_the_global_update():
+    model = _model(freeze_a=True)
+    clients = [batches[: c + 1] for c, batches in enumerate(_clients(3, 3))]  # 16, 32, 48 samples
+    result = federated_average(model, clients, _loss, rounds=2, local_steps=3, lr=0.5)
+    assert all(name.endswith("lora_B") for name in result.global_state), sorted(result.global_state)
+    weights = [16.0, 32.0, 48.0]  # FedAvg weights clients by their sample counts
+    client_updates = [_updates(model, state) for state in result.client_states]
+    global_updates = _updates(model, result.global_state)
+    for layer_name, update in global_updates.items():
+        mean_of_updates = sum(u[layer_name] * w for u, w in zip(client_updates, weights, strict=True)) / sum(weights)
+        assert (client_updates[0][layer_name] - client_updates[1][layer_name]).abs().max() > 1e-3
+        torch.testing.assert_close(update, mean_of_updates, rtol=1e-12, atol=1e-14)
+    # The model ends at the global state.
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            assert torch.equal(p, result.global_state[name])
+
+
+def test_with_a_trained_averaging_factors_is_not_averaging_updates():
+    model = _model(freeze_a=False)
+    result = federated_average(model, _clients(), _loss, rounds=1, local_steps=3, lr=0.5)
+    client_updates = [_updates(model, state) for state in result.client_states]
+    global_updates = _updates(model, result.global_state)
+    gaps = []
+    for layer_name, update in global_updates.items():
+        mean_of_updates = sum(u[layer_name] for u in client_updates) / 3
+        gaps.append(float((update - mean_of_updates).norm() / mean_of_updates.norm()))
+    assert max(gaps) > 1e-3, f"plain LoRA averaged exactly too ({gaps}): the clients did not diverge"
+
+
+def test_federated_training_lowers_the_loss():
+    model = _model()
+    clients = _clients()
+    result = federated_average(model, clients, _loss, rounds=8, local_steps=4, lr=2.0)
+    first, last = sum(result.losses[0]) / 3, sum(result.losses[-1]) / 3
+    assert last < 0.9 * first, result.losses
+
+
+def test_vmap_and_loop_per_sample_gradients_agree_and_average_to_the_batch_gradient():
+    model = _model()
+    batch = _clients(1, 1)[0][0]
+    vmapped = per_sample_gradients(model, _loss, batch, "vmap")
+    looped = per_sample_gradients(model, _loss, batch, "loop")
+    params = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    full = dict(zip(params, torch.autograd.grad(_loss(model, batch), list(params.values())), strict=True))
+    for name in params:
+        assert vmapped[name].shape == (16, *params[name].shape)
+        torch.testing.assert_close(vmapped[name], looped[name], rtol=1e-10, atol=1e-12)
+        torch.testing.assert_close(vmapped[name].mean(0), full[name], rtol=1e-10, atol=1e-12)
+
+
+def test_dp_step_without_noise_or_clipping_is_plain_sgd():
+    batch = _clients(1, 1)[0][0]
+    private, plain = _model(), _model()
+    for m in (private, plain):  # move B off zero so every trainable tensor has a gradient
+        with torch.no_grad():
+            for _, layer in mm.adapted_layers(m):
+                layer.adapters["default"].lora_B.normal_(std=0.1, generator=torch.Generator().manual_seed(3))
+    dp = DPConfig(clip_norm=math.inf, noise_multiplier=0.0)
+    dp_sgd_step(private, _loss, batch, torch.optim.SGD([p for p in private.parameters() if p.requires_grad], lr=0.3), dp)
+    optimizer = torch.optim.SGD([p for p in plain.parameters() if p.requires_grad], lr=0.3)
+    _loss(plain, batch).backward()
+    optimizer.step()
+    for (name, p), q in zip(private.named_parameters(), plain.parameters(), strict=True):
+        torch.testing.assert_close(p, q, rtol=1e-10, atol=1e-12, msg=name)
+    assert any(not torch.equal(p, q) for p, q in zip(private.parameters(), _model().parameters(), strict=True))
+
+
+def test_clipping_bounds_each_samples_norm_and_keeps_small_ones():
+    model = _model()
+    per_sample = per_sample_gradients(model, _loss, _clients(1, 1)[0][0])
+    norms = torch.stack([g.flatten(1).pow(2).sum(1) for g in per_sample.values()]).sum(0).sqrt()
+    clip = float(norms.median())
+    grads, clipped = privatize(per_sample, DPConfig(clip_norm=clip, noise_multiplier=0.0))
+    assert bool((clipped <= clip * (1 + 1e-9)).all())
+    small = norms <= clip
+    assert 0 < int(small.sum()) < len(norms), "the test needs samples on both sides of the clip"
+    torch.testing.assert_close(clipped[small], norms[small])
+    torch.testing.assert_close(clipped[~small], torch.full_like(clipped[~small], clip))
+    expected = {n: (g * (clipped / norms).view(-1, 1, 1)).mean(0) for n, g in per_sample.items()}
+    for name, g in grads.items():
+        torch.testing.assert_close(g, expected[name])
+
+
+def test_noise_has_std_sigma_times_clip_over_batch_size():
+    per_sample = {"w": torch.zeros(8, 200, 100)}  # zero gradients: the result is the noise alone
+    dp = DPConfig(clip_norm=0.5, noise_multiplier=2.0)
+    grads, _ = privatize(per_sample, dp, torch.Generator().manual_seed(0))
+    std = float(grads["w"].std())
+    assert abs(std - 2.0 * 0.5 / 8) < 0.03 * (2.0 * 0.5 / 8), std
+    again, _ = privatize(per_sample, dp, torch.Generator().manual_seed(0))
+    assert torch.equal(grads["w"], again["w"])
+
+
+def test_private_federated_run_is_seeded():
+    dp = DPConfig(clip_norm=1.0, noise_multiplier=0.5)
+    runs = []
+    for _ in range(2):
+        model = _model()
+        runs.append(federated_average(model, _clients(2, 1), _loss, rounds=1, local_steps=2, lr=0.5, dp=dp,
+                                      seed=4).global_state)
+    assert all(torch.equal(runs[0][k], runs[1][k]) for k in runs[0])
+
+
+def test_bad_settings_are_refused():
+    with pytest.raises(ValueError, match="clip_norm must be > 0"):
+        DPConfig(clip_norm=0.0, noise_multiplier=1.0)
+    with pytest.raises(ValueError, match="finite clip_norm"):
+        DPConfig(clip_norm=math.inf, noise_multiplier=1.0)
+    with pytest.raises(ValueError, match="at least one batch"):
+        federated_average(_model(), [[], []], _loss, rounds=1, local_steps=1, lr=0.1)
+    with pytest.raises(ValueError, match="no trainable parameters"):
+        federated_average(TinyMLP().requires_grad_(False), _clients(), _loss, rounds=1, local_steps=1, lr=0.1)
+    with pytest.raises(ValueError, match="positive weights"):
+        average_states([], [])
