@@ -105,6 +105,8 @@ class EVALoRA(LoRA):
         if self.calibrating:
             return out
         self._check()
+        if self.lora_A.shape[0] == 0:  # EVA gave this layer no rank
+            return out
         return super().forward(x, out, base)
 
     def delta(self, x: torch.Tensor, base: nn.Module) -> torch.Tensor:
@@ -224,10 +226,11 @@ def _calibrate(
     collectors = {n: _Collector(IncrementalPCA(caps[n])) for n, _ in layers}
     handles = [layer.register_forward_pre_hook(collectors[n]) for n, layer in layers]
     ranks = {n: min(config.r, caps[n]) for n, _ in layers}
-    done = False
+    done, passes = False, 0
     try:
         with torch.no_grad():
-            for _ in range(max_passes):
+            while passes < max_passes:
+                passes += 1
                 for batch in batches:
                     forward_fn(model, batch)
                     pcas = {n: c.pca for n, c in collectors.items()}
@@ -247,7 +250,7 @@ def _calibrate(
     if not done:
         waiting = [n for n, c in collectors.items() if c.active]
         raise RuntimeError(
-            f"eva: components of {waiting} did not converge (|cos| >= tau={config.tau}) within {max_passes} "
+            f"eva: components of {waiting} did not converge (|cos| >= tau={config.tau}) within {passes} "
             "pass(es) over the batches; pass more or larger batches, a re-iterable (list), or a lower tau"
         )
     return {n: c.pca for n, c in collectors.items()}, ranks

@@ -83,16 +83,19 @@ class ResidualLoRA(LoRA):
                 id(self.init_B), self.init_B._version)
 
     @torch.no_grad()
-    def _sync(self, base_weight: torch.Tensor) -> None:
+    def _sync(self, base_weight: torch.Tensor) -> torch.Tensor | None:
         """Check readiness and, in "base" mode, make the base hold W - s B0 A0 for the current buffers.
 
-        Cheap when nothing changed (a tuple compare); reads values only after a load, init or device move.
+        Returns the change made to the base weight, if any (after a load: the first forward corrects its
+        already computed base output with it). Cheap when nothing changed (a tuple compare); values are
+        read only after a load, an init or a device move.
         """
+        change = None
         if self.calibrating:
-            return
+            return change
         versions = self._versions()
         if versions == self._seen:
-            return
+            return change
         if not bool(self.ready):
             method = getattr(getattr(self, "config", None), "method", type(self).__name__)
             raise RuntimeError(f"{method} adapter is not initialised: it needs {self.needs}")
@@ -102,16 +105,20 @@ class ResidualLoRA(LoRA):
                 torch.equal(a.to(b.device), b) for a, b in zip(applied, (self.init_A, self.init_B), strict=True)
             )
             if not same:
+                change = -self._product(self.init_A, self.init_B)
                 if applied is not None:
-                    base_weight.add_(self._product(*applied).to(base_weight))
-                base_weight.sub_(self._product(self.init_A, self.init_B).to(base_weight))
+                    change += self._product(*applied)
+                base_weight.add_(change.to(base_weight))
                 self._applied = (self.init_A.detach().clone(), self.init_B.detach().clone())
         self._seen = versions
+        return change
 
     def forward(self, x: torch.Tensor, out: torch.Tensor, base: nn.Module) -> torch.Tensor:
         if self.calibrating:
             return out
-        self._sync(weight_out_in(base))
+        change = self._sync(weight_out_in(base))
+        if change is not None:  # the base ran before the residual was (re)applied: correct its output
+            out = out + F.linear(x.to(change.dtype), change).to(out.dtype)
         if self.residual == "base":
             return super().forward(x, out, base)
         if x.dtype != self.lora_A.dtype:
@@ -152,15 +159,18 @@ def randomized_svd(
     """Top-``rank`` (U, S, Vh) of ``matrix`` by a seeded randomized range finder (Halko et al., 2011).
 
     A Gaussian test matrix from ``seed`` spans the range, ``niter`` power iterations (re-orthonormalised
-    each half step) sharpen it, and the SVD of the small projected matrix gives the triplets.
+    each half step) sharpen it, and the SVD of the small projected matrix gives the triplets. The range is
+    oversampled to 2 * rank columns (PEFT's ``svd_lowrank(q=r)`` has none), which makes the r-th triplet
+    accurate when the spectrum decays slowly, for little extra work.
     """
     gen = torch.Generator(device=matrix.device).manual_seed(seed)
-    test = torch.randn(matrix.shape[1], rank, generator=gen, device=matrix.device, dtype=matrix.dtype)
+    width = min(2 * rank, *matrix.shape)
+    test = torch.randn(matrix.shape[1], width, generator=gen, device=matrix.device, dtype=matrix.dtype)
     basis = torch.linalg.qr(matrix @ test).Q
     for _ in range(niter):
         basis = torch.linalg.qr(matrix @ torch.linalg.qr(matrix.T @ basis).Q).Q
     u_small, s, vh = torch.linalg.svd(basis.T @ matrix, full_matrices=False)
-    return basis @ u_small, s, vh
+    return (basis @ u_small)[:, :rank], s[:rank], vh[:rank]
 
 
 def top_singular(
