@@ -27,7 +27,9 @@ from typing import Any, Literal
 import torch
 
 
-def allora_coefficient(param: torch.Tensor, eta: float, granularity: Literal["row", "tensor"] = "row") -> torch.Tensor:
+def allora_coefficient(
+    param: torch.Tensor, eta: float, granularity: Literal["row", "tensor"] = "row",
+) -> torch.Tensor:
     """1 / sqrt(||θ||^2 + 1/eta^2) per row (dim 0) of a matrix, or for the whole tensor; broadcastable."""
     p = param.detach()
     if p.dtype in (torch.float16, torch.bfloat16):  # norms of low-precision rows in float32
@@ -43,8 +45,8 @@ class ALLoRA(torch.optim.Optimizer):
     """SGD or AdamW whose step for each parameter row is scaled by 1/sqrt(||row||^2 + 1/eta^2)."""
 
     def __init__(
-        self, params: Iterable[Any], lr: float = 1e-3, *, eta: float, betas: tuple[float, float] | None = (0.9, 0.999),
-        eps: float = 1e-8, weight_decay: float = 0.0, granularity: Literal["row", "tensor"] = "row",
+        self, params: Iterable[Any], lr: float = 1e-3, *, eta: float,
+        betas: tuple[float, float] | None = (0.9, 0.999), eps: float = 1e-8, weight_decay: float = 0.0, granularity: Literal["row", "tensor"] = "row",
         apply_to: Literal["step", "gradient"] = "step",
     ) -> None:
         if lr <= 0 or eta <= 0:

@@ -4,7 +4,8 @@ The frozen weight (out, in) is factored with partially pivoted LU, W = P L U, an
 W = P L D U' with L unit lower-triangular (out x k), D = diag(U) and U' = D^-1 U unit upper-triangular
 (k x in), k = min(out, in). The first r columns of P L, the first r entries of D and the first r rows of U'
 make a rank-r piece ``σ · P L_r diag(z) U'_r``; only the vector z (initialised to D_r) and the scalar σ
-(initialised to alpha / r) train: r + 1 numbers per layer.
+(initialised to alpha / r) train: r + 1 numbers per layer. ``full_rank`` takes all k components of every
+layer, as the paper's experiments do (e.g. rank 768 on ViT-B): still only k + 1 trainables per layer.
 
 The paper keeps the output at the base model by training on a residual base weight,
 W_res = W - σ0 · P L_r diag(D_r) U'_r, plus ``σ · P L_r diag(z) U'_r``. We compute the same function
@@ -52,21 +53,28 @@ class LoLDUConfig(AdapterConfig):
         default=True,
         metadata={"help": "Train the scalar scale sigma beside the diagonal (the paper); False: r trainables."},
     )
+    full_rank: bool = field(
+        default=False,
+        metadata={"help": "Use every LDU component of each layer, r = min(out, in) (the paper's usual setting); "
+                  "'r' then only sets the scale alpha / r."},
+    )
 
     @property
     def scaling(self) -> float:
         return self.alpha / self.r
 
     def build(self, in_features: int, out_features: int, base_weight: torch.Tensor) -> LoLDU:
-        check_rank(self.method, self.r, out_features, in_features)
-        lower, diagonal, upper = ldu_factors(float_weight(self.method, base_weight), self.r)
+        rank = min(in_features, out_features) if self.full_rank else self.r
+        check_rank(self.method, rank, out_features, in_features)
+        lower, diagonal, upper = ldu_factors(float_weight(self.method, base_weight), rank)
         dtype = param_dtype(base_weight)
         return LoLDU(lower.to(dtype), diagonal.to(dtype), upper.to(dtype), scale=self.scaling,
                      train_scale=self.train_scale, dropout=self.dropout)
 
 
 class LoLDU(Adapter):
-    """``P L_r diag(σ z - σ0 z0) U'_r``: buffers ``lower``, ``upper``, ``diagonal_init``; trains ``diagonal``, ``scale``."""
+    """``P L_r diag(σ z - σ0 z0) U'_r``: buffers ``lower``, ``upper``, ``diagonal_init``; trains ``diagonal`` (z)
+    and ``scale`` (σ)."""
 
     def __init__(
         self, lower: torch.Tensor, diagonal: torch.Tensor, upper: torch.Tensor, *, scale: float,

@@ -144,7 +144,8 @@ def full_weight_gradients(
     weights = [layer.base.weight for _, layer in layers]
     for (layer_name, _), weight in zip(layers, weights, strict=True):
         if not weight.is_floating_point():
-            raise ConfigError(f"{layer_name}: base weight is {weight.dtype}; LoRA-SB needs a float weight's gradient")
+            raise ConfigError(f"{layer_name}: base weight is {weight.dtype}; LoRA-SB needs the gradient of a "
+                              "float weight")
     flags = [w.requires_grad for w in weights]
     actives = [layer.active for _, layer in layers]
     sums = [torch.zeros_like(weight_out_in(layer.base), dtype=torch.float32) for _, layer in layers]
@@ -182,10 +183,12 @@ def initialize(
     approximated update's Frobenius norm that the rank-r initialisation captures.
     """
     if batches is None or loss_fn is None:
-        raise ValueError("LoRA-SB initialisation needs calibration batches and a loss function (model, batch) -> loss")
+        raise ValueError("LoRA-SB initialisation needs calibration batches and a loss function "
+                         "(model, batch) -> loss")
     layers = _lora_sb_layers(model, name)
     config = layers[0][1].adapters[name].config
-    sums, count = full_weight_gradients(model, layers, batches, loss_fn, skip_adapter=name, max_batches=max_batches)
+    sums, count = full_weight_gradients(model, layers, batches, loss_fn, skip_adapter=name,
+                                        max_batches=max_batches)
     captured = {}
     for layer_name, layer in layers:
         grad = sums[layer_name]

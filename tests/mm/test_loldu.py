@@ -70,6 +70,17 @@ def test_trainable_count_is_r_plus_one_per_layer(train_scale, per_layer):
     assert (adapter.scale.grad is not None) == train_scale
 
 
+def test_full_rank_uses_every_component_of_each_layer():
+    model = _seeded_mlp()  # fc1 12 -> 24 (k = 12), head 24 -> 5 (k = 5)
+    mm.attach(model, mm.AdapterConfig.from_dict({"method": "loldu", "targets": ["fc1", "head"], "r": 4,
+                                                  "alpha": 4.0, "full_rank": True}))
+    assert mm.trainable_report(model).trainable == (12 + 1) + (5 + 1)
+    adapter = model.fc1.adapters["default"]
+    with torch.no_grad():  # with all components and sigma0 = 1, z = 0 removes W entirely
+        adapter.diagonal.zero_()
+    torch.testing.assert_close(model.fc1(torch.eye(12)), model.fc1.base.bias.expand(12, 24), rtol=0, atol=1e-5)
+
+
 def test_checkpoint_holds_only_diagonal_and_scale(tmp_path):
     model, x = _seeded_mlp(), torch.randn(4, 12)
     mm.attach(model, mm.AdapterConfig.from_dict({"method": "loldu", "targets": ["fc1", "fc2"], "r": 3}))

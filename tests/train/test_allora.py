@@ -35,7 +35,8 @@ def test_vectors_use_the_whole_tensor_norm_and_tensor_granularity_too():
     torch.testing.assert_close(vector.detach(), torch.tensor([3.0, 4.0], dtype=torch.float64) - 1 / math.sqrt(26))
     matrix = _param([[3.0, 0.0], [0.0, 4.0]])
     ALLoRA([matrix], lr=1.0, eta=1.0, betas=None, granularity="tensor").step()
-    torch.testing.assert_close(matrix.detach(), torch.tensor([[3.0, 0.0], [0.0, 4.0]], dtype=torch.float64) - 1 / math.sqrt(26))
+    start = torch.tensor([[3.0, 0.0], [0.0, 4.0]], dtype=torch.float64)
+    torch.testing.assert_close(matrix.detach(), start - 1 / math.sqrt(26))
 
 
 def test_coefficient_is_eta_at_zero_and_falls_like_one_over_the_norm():

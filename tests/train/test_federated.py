@@ -60,7 +60,8 @@ def test_with_a_frozen_the_mean_of_client_updates_is_the_global_update():
     client_updates = [_updates(model, state) for state in result.client_states]
     global_updates = _updates(model, result.global_state)
     for layer_name, update in global_updates.items():
-        mean_of_updates = sum(u[layer_name] * w for u, w in zip(client_updates, weights, strict=True)) / sum(weights)
+        weighted = [u[layer_name] * w for u, w in zip(client_updates, weights, strict=True)]
+        mean_of_updates = sum(weighted) / sum(weights)
         assert (client_updates[0][layer_name] - client_updates[1][layer_name]).abs().max() > 1e-3
         torch.testing.assert_close(update, mean_of_updates, rtol=1e-12, atol=1e-14)
     # The model ends at the global state.
@@ -110,7 +111,8 @@ def test_dp_step_without_noise_or_clipping_is_plain_sgd():
             for _, layer in mm.adapted_layers(m):
                 layer.adapters["default"].lora_B.normal_(std=0.1, generator=torch.Generator().manual_seed(3))
     dp = DPConfig(clip_norm=math.inf, noise_multiplier=0.0)
-    dp_sgd_step(private, _loss, batch, torch.optim.SGD([p for p in private.parameters() if p.requires_grad], lr=0.3), dp)
+    private_sgd = torch.optim.SGD([p for p in private.parameters() if p.requires_grad], lr=0.3)
+    dp_sgd_step(private, _loss, batch, private_sgd, dp)
     optimizer = torch.optim.SGD([p for p in plain.parameters() if p.requires_grad], lr=0.3)
     _loss(plain, batch).backward()
     optimizer.step()

@@ -45,7 +45,8 @@ def test_schedule_is_seeded_and_switches_every_period():
     model, _, lisa = _setup(seed=3, period=5)
     _train(model, lisa, 23)
     reference = torch.Generator().manual_seed(3)
-    expected = [(step, sorted(int(i) for i in torch.randperm(6, generator=reference)[:2])) for step in (0, 5, 10, 15, 20)]
+    expected = [(step, sorted(int(i) for i in torch.randperm(6, generator=reference)[:2]))
+                for step in (0, 5, 10, 15, 20)]
     assert lisa.history == expected
     assert lisa.active == expected[-1][1]
     _, _, same = _setup(seed=3)
