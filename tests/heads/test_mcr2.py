@@ -1,0 +1,51 @@
+"""MCR2 coding rates against hand computations."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from heads.mcr2 import MCR2Loss, coding_rate, compress_rate, one_hot_membership, rate_reduction
+
+
+def test_rates_of_two_orthogonal_unit_vectors_by_hand():
+    # n = d = 2, eps = 1: R = 1/2 logdet(I + 2/2 * I) = log 2.
+    z = torch.eye(2, dtype=torch.float64)
+    assert coding_rate(z, eps=1.0).item() == pytest.approx(math.log(2))
+    # Each vector its own group (tr = 1): R_c = 2 * 1/(2*2) * log(1 + 2/1 * 1) = log(3) / 2.
+    apart = one_hot_membership(torch.tensor([0, 1])).double()
+    assert compress_rate(z, apart, eps=1.0).item() == pytest.approx(0.5 * math.log(3))
+    # One group of both (tr = 2): R_c = 2/4 * logdet(I + 2/2 * I) = log 2, so Delta R = 0.
+    together = one_hot_membership(torch.tensor([0, 0])).double()
+    assert rate_reduction(z, together, eps=1.0).item() == pytest.approx(0.0, abs=1e-12)
+    assert rate_reduction(z, apart, eps=1.0).item() == pytest.approx(math.log(2) - 0.5 * math.log(3))
+
+
+def test_rate_with_eps_and_general_gram_by_hand():
+    z = torch.tensor([[3.0, 4.0], [0.0, 1.0], [1.0, 0.0]], dtype=torch.float64)
+    n, d, eps = 3, 2, 0.5
+    gram = z.T @ z  # [[10, 12], [12, 17]]
+    a = d / (n * eps**2)
+    det = (1 + a * 10) * (1 + a * 17) - (a * 12) ** 2
+    assert coding_rate(z, eps).item() == pytest.approx(0.5 * math.log(det))
+    assert torch.allclose(gram, torch.tensor([[10.0, 12.0], [12.0, 17.0]], dtype=torch.float64))
+
+
+def test_soft_membership_weights_samples_and_empty_groups_add_nothing():
+    z = torch.nn.functional.normalize(torch.randn(6, 3, dtype=torch.float64), dim=1)
+    labels = torch.tensor([0, 0, 1, 1, 2, 2])
+    hard = one_hot_membership(labels, num_classes=4).double()  # group 3 is empty
+    assert compress_rate(z, hard).item() == pytest.approx(compress_rate(z, hard[:3]).item())
+    unlabelled = one_hot_membership(torch.tensor([0, 0, 1, 1, 2, -1])).double()
+    assert unlabelled[:, 5].sum() == 0
+
+
+def test_mcr2_loss_prefers_the_true_partition_of_orthogonal_subspaces():
+    torch.manual_seed(0)
+    basis = torch.linalg.qr(torch.randn(12, 12))[0]
+    z = torch.cat([torch.randn(40, 3) @ basis[:, 3 * k : 3 * k + 3].T for k in range(3)])
+    labels = torch.arange(3).repeat_interleave(40)
+    loss = MCR2Loss(eps=0.5)
+    assert loss(z, labels) < loss(z, labels[torch.randperm(120)]) - 1.0

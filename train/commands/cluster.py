@@ -1,0 +1,22 @@
+"""``mmtune cluster --config configs/eo/cluster.yaml``: MLC vs k-means vs spectral clustering (train/cluster.py)."""
+
+from __future__ import annotations
+
+import argparse
+
+
+def add_parser(subparsers) -> argparse.ArgumentParser:
+    parser = subparsers.add_parser(
+        "cluster", help="cluster a data set's features with MLC, k-means and spectral clustering; print ACC/NMI/ARI"
+    )
+    parser.add_argument("--config", required=True, help="clustering recipe (YAML), e.g. configs/eo/cluster.yaml")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="override a recipe key, e.g. --set mlc.epochs=5 --set 'seeds=[0,1,2]'")
+    return parser
+
+
+def run(args: argparse.Namespace) -> int:
+    from train.cluster import load_cluster_recipe, run_clustering
+
+    run_clustering(load_cluster_recipe(args.config, args.overrides))
+    return 0
