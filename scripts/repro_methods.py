@@ -51,6 +51,44 @@ def _eva_init(model: nn.Module, name: str, calibration: Calibration) -> None:
     eva.initialize(model, calibration.inputs, name=name)
 
 
+def _lora_sb_init(model: nn.Module, name: str, calibration: Calibration) -> None:
+    from mm.adapters import lora_sb
+
+    lora_sb.initialize(model, calibration.batches, calibration.loss_fn, name=name)
+
+
+def _dylora_modes(model: nn.Module, name: str, calibration: Calibration) -> None:
+    """The repro loop never calls model.eval(), so tell DyLoRA training from evaluation by autograd mode.
+
+    Forwards with gradients (training steps) draw one rank for every layer, as the paper's per-step rule;
+    no-grad forwards (the loop's evaluations) run at the adapter's eval_rank.
+    """
+    import mm
+    from mm.adapters import dylora
+
+    adapters = [layer.adapters[name] for _, layer in mm.adapted_layers(model) if name in layer.adapters]
+
+    def choose_mode(module: nn.Module, args: tuple) -> None:
+        training = torch.is_grad_enabled()
+        for adapter in adapters:
+            adapter.train(training)
+        if training:
+            dylora.sample_rank(module)
+
+    model.register_forward_pre_hook(choose_mode)
+
+
+def _dylora_row(eval_rank: int, *, plain: bool = False) -> ReproMethod:
+    if plain:  # r_min = r and update 'all': exactly LoRA(r, alpha) training, then cut to eval_rank components
+        config = {"method": "dylora", "r": RANK, "alpha": 2.0 * RANK, "r_min": RANK, "update": "all",
+                  "eval_rank": eval_rank}
+        claim = f"baseline for DyLoRA: a plain LoRA trained at rank {RANK}, evaluated on its first {eval_rank}"
+    else:
+        config = {"method": "dylora", "r": RANK, "alpha": 2.0 * RANK, "eval_rank": eval_rank}
+        claim = f"one DyLoRA adapter (ranks 1..{RANK} trained at once) is good at rank {eval_rank} too"
+    return ReproMethod(config, init=_dylora_modes, claim=claim)
+
+
 RANK = 4
 
 METHODS: dict[str, ReproMethod] = {
@@ -67,4 +105,19 @@ METHODS: dict[str, ReproMethod] = {
         {"method": "eva", "r": RANK, "alpha": 2.0 * RANK}, init=_eva_init,
         claim="converges faster than LoRA (A from activation principal directions, ranks redistributed)",
     ),
+    "lora_xs": ReproMethod(
+        {"method": "lora_xs", "r": RANK, "alpha": float(RANK)},
+        claim="near-LoRA accuracy training only an r x r core between frozen SVD factors of W",
+    ),
+    "lora_sb": ReproMethod(
+        {"method": "lora_sb", "r": RANK, "alpha": float(RANK), "init_lr": 2e-3}, init=_lora_sb_init,
+        claim="near-LoRA accuracy with far fewer parameters (r x r core, init = approximated first full step)",
+    ),
+    "loldu": ReproMethod(
+        {"method": "loldu", "r": RANK, "alpha": float(RANK), "full_rank": True},
+        claim="near-LoRA accuracy with far fewer parameters (only the LDU diagonal and a scale train)",
+    ),
+    **{f"dylora@{b}": _dylora_row(b) for b in range(1, RANK)},
+    "dylora": _dylora_row(RANK),
+    **{f"lora-cut@{b}": _dylora_row(b, plain=True) for b in range(1, RANK)},
 }
