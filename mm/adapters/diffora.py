@@ -123,8 +123,9 @@ def select_modules(
         name += "_"
     requires_grad = {id(p): p.requires_grad for p in model.parameters()}
     was_training = model.training
-    torch.manual_seed(seed)
-    attach(model, DiffoRAConfig(targets=list(candidate_targets), r=r, alpha=alpha), name)
+    with torch.random.fork_rng(devices=[]):  # seed the search adapters' init without touching the caller's RNG
+        torch.manual_seed(seed)
+        attach(model, DiffoRAConfig(targets=list(candidate_targets), r=r, alpha=alpha), name)
     try:
         gated = {layer_name: layer.adapters[name] for layer_name, layer in adapted_layers(model)
                  if name in layer.adapters}
