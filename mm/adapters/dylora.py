@@ -136,7 +136,10 @@ def _dylora_adapters(model: nn.Module, name: str | None) -> list[tuple[Any, str,
 
 
 def set_rank(model: nn.Module, rank: int, name: str | None = None) -> None:
-    """Run the DyLoRA adapters (all, or adapter ``name``) at ``rank`` outside training and when merged."""
+    """Run the DyLoRA adapters (all, or adapter ``name``) at ``rank`` outside training and when merged.
+
+    A runtime choice: a saved adapter keeps its config's ``eval_rank``; call this again after loading.
+    """
     found = _dylora_adapters(model, name)
     for layer, adapter_name, adapter in found:
         if not 1 <= rank <= adapter.r:
