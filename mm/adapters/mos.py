@@ -1,7 +1,8 @@
 """MoS, Mixture of Shards (Wang et al., ICLR 2025): LoRA factors assembled from shards of global pools.
 
 Every rank vector of A (a row, ``in`` long) and of B (a column, ``out`` long) is cut into l shards
-(vector sharding). Each layer builds its r x l shard slots per factor by retrieving shards by index
+(vector sharding; when l does not divide the length, shards are ceil(len / l) long and the concatenated
+vector is cut back to its length). Each layer builds its r x l shard slots per factor by retrieving shards by index
 (the fixed, randomly drawn index matrix of the paper's MoE-like router) from:
 
 - a global pool shared by every layer of the adapter whose shards have that length (inter-layer sharing,
@@ -93,19 +94,21 @@ class MoSConfig(AdapterConfig):
         return self.build_for(f"#{next(self._unnamed)}", in_features, out_features, base_weight)
 
     def build_for(self, layer_name: str, in_features: int, out_features: int, base_weight: torch.Tensor) -> MoS:
-        for size, what in ((in_features, "in_features"), (out_features, "out_features")):
-            if size % self.shards_per_vector:
-                raise ConfigError(f"mos: key 'shards_per_vector'={self.shards_per_vector} must divide "
-                                  f"{what}={size} of every targeted layer")
         if layer_name in self._seen_layers:  # this layer was built before: a new adapter, new pools
             self._pools, self._seen_layers = {}, set()
         self._seen_layers.add(layer_name)
         dtype = base_weight.dtype if base_weight.is_floating_point() else torch.float32
         device = base_weight.device
-        pool_a, own_a = self._pool("A", in_features // self.shards_per_vector, dtype, device)
-        pool_b, own_b = self._pool("B", out_features // self.shards_per_vector, dtype, device)
+        pool_a, own_a = self._pool("A", shard_length(in_features, self.shards_per_vector), dtype, device)
+        pool_b, own_b = self._pool("B", shard_length(out_features, self.shards_per_vector), dtype, device)
         gen = torch.Generator(device="cpu").manual_seed(self.seed * 1_000_003 + zlib.crc32(layer_name.encode()))
-        return MoS(self, pool_a, pool_b, own_a, own_b, gen, dtype=dtype, device=device)
+        return MoS(self, in_features, out_features, (pool_a, pool_b), (own_a, own_b), gen, dtype=dtype,
+                   device=device)
+
+
+def shard_length(size: int, shards_per_vector: int) -> int:
+    """ceil(size / l): a vector whose length l does not divide is cut after concatenation (last shard padded)."""
+    return -(-size // shards_per_vector)
 
 
 class ShardPool(nn.Module):
@@ -141,11 +144,13 @@ def _routing_index(slots: int, pool: int, private: int, gen: torch.Generator) ->
 
 class MoS(Adapter):
     def __init__(
-        self, config: MoSConfig, pool_a: ShardPool, pool_b: ShardPool, own_a: bool, own_b: bool,
-        gen: torch.Generator, *, dtype: torch.dtype, device: torch.device,
+        self, config: MoSConfig, in_features: int, out_features: int, pools: tuple[ShardPool, ShardPool],
+        owned: tuple[bool, bool], gen: torch.Generator, *, dtype: torch.dtype, device: torch.device,
     ) -> None:
         super().__init__()
         self.r, self.l_shards, self.scaling = config.r, config.shards_per_vector, config.scaling
+        self.in_features, self.out_features = in_features, out_features
+        (pool_a, pool_b), (own_a, own_b) = pools, owned
         slots, private = config.r * config.shards_per_vector, config.private_shards
         # The first layer with a pool registers it (saved once, under this layer); the rest only point to it.
         if own_a:
@@ -167,10 +172,10 @@ class MoS(Adapter):
     def factors(self) -> tuple[torch.Tensor, torch.Tensor]:
         """(A, B), (r, in) and (out, r): shards gathered by index and concatenated along each vector."""
         pool_a, pool_b = self._pools
-        shards_a = torch.cat([pool_a.shards, self.private_a])[self.index_a]  # (r*l, in/l)
-        shards_b = torch.cat([pool_b.shards, self.private_b])[self.index_b]  # (r*l, out/l)
-        lora_a = shards_a.reshape(self.r, -1)
-        lora_b = shards_b.reshape(self.r, -1).T
+        shards_a = torch.cat([pool_a.shards, self.private_a])[self.index_a]  # (r*l, ceil(in/l))
+        shards_b = torch.cat([pool_b.shards, self.private_b])[self.index_b]  # (r*l, ceil(out/l))
+        lora_a = shards_a.reshape(self.r, -1)[:, : self.in_features]
+        lora_b = shards_b.reshape(self.r, -1)[:, : self.out_features].T
         return lora_a, lora_b
 
     def forward(self, x: torch.Tensor, out: torch.Tensor, base: nn.Module) -> torch.Tensor:
@@ -196,7 +201,8 @@ class MoS(Adapter):
 def mos_trainable_params(config: MoSConfig, shapes: list[tuple[int, int]]) -> int:
     """Trainable count of MoS on layers of ``shapes`` [(in, out), ...]: pools once, private shards per layer."""
     l_shards = config.shards_per_vector
-    pool_lengths = {("A", i // l_shards) for i, _ in shapes} | {("B", o // l_shards) for _, o in shapes}
+    pool_lengths = ({("A", shard_length(i, l_shards)) for i, _ in shapes}
+                    | {("B", shard_length(o, l_shards)) for _, o in shapes})
     pools = sum(config.pool_shards * length for _, length in pool_lengths)
-    private = sum(config.private_shards * (i + o) // l_shards for i, o in shapes)
+    private = sum(config.private_shards * (shard_length(i, l_shards) + shard_length(o, l_shards)) for i, o in shapes)
     return pools + private

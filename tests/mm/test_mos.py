@@ -141,3 +141,18 @@ def test_two_adapters_from_one_config_get_their_own_pools(tmp_path):
     mm.load_adapters(fresh, path)
     for ours, theirs in zip(model(xs, wide_x), fresh(xs, wide_x), strict=True):
         assert torch.equal(ours, theirs)
+
+
+def test_lengths_that_l_does_not_divide_use_ceil_shards_cut_back():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(7, 5), nn.Linear(5, 7))
+    config = MoSConfig(targets=["0", "1"], r=2, shards_per_vector=2, pool_shards=6, private_shards=1)
+    mm.attach(model, config)
+    adapter = model[0].adapters["default"]
+    lora_a, lora_b = adapter.factors()
+    assert lora_a.shape == (2, 7) and lora_b.shape == (5, 2)
+    assert adapter._pools[0].shards.shape[1] == 4 and adapter._pools[1].shards.shape[1] == 3  # ceil(7/2), ceil(5/2)
+    # Layer 1's A rows and layer 0's B columns both cut into 3-long shards, yet A and B pools stay apart.
+    assert model[1].adapters["default"]._pools[0] is not adapter._pools[1]
+    assert sum(p.numel() for p in model.parameters() if p.requires_grad) == mos_trainable_params(
+        config, [(7, 5), (5, 7)])
