@@ -13,6 +13,8 @@ install: $(STAMP)
 
 # torch first, alone: the rest then resolves against it instead of pulling another build.
 $(STAMP): pyproject.toml
+	@# System dependency: espeak-ng synthesises the AVSR track's test speech (data/fake_av.py).
+	command -v espeak-ng >/dev/null || (apt-get update -qq && apt-get install -y -qq espeak-ng)
 	@test -x $(PY) || python3 -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet torch==2.9.1 torchvision==0.24.1
