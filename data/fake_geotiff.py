@@ -12,11 +12,21 @@ the same map. Some chips get a nodata swath (SAR), cloud holes (optical) or deco
 from __future__ import annotations
 
 import csv
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
-from data.m3leo import GSSIC_BANDS, GUNW_DATEPAIRS, PRODUCTS, S1GRD_BANDS, SEASONS, WORLDCOVER_CODES, Product
+from data.m3leo import (
+    GSSIC_BANDS,
+    GUNW_DATEPAIRS,
+    PRODUCTS,
+    S1GRD_BANDS,
+    SEASONS,
+    WORLDCOVER_CODES,
+    M3LEODataConfig,
+    Product,
+)
 
 PIXEL_M = 10.0
 CRS = "EPSG:32618"  # UTM 18N, as a CONUS region would use
@@ -68,7 +78,7 @@ def render(product: str, lc: np.ndarray, rng: np.random.Generator) -> np.ndarray
     noise = lambda scale, n=1: rng.normal(0, scale, (n, size, size)).astype(np.float32)  # noqa: E731
     if product == "s1grd":
         bands = []
-        for s, season in enumerate(SEASONS):
+        for s in range(len(SEASONS)):
             crop_cycle = np.where(lc == 3, 3.0 * np.sin(np.pi * s / 2), 0.0)
             for pol in ("vv", "vh"):
                 for direction in ("asc", "des"):
@@ -181,3 +191,27 @@ def make_fake_m3leo(root: str | Path, n_chips: int = 24, size: int = 32, region:
         writer.writeheader()
         writer.writerows(rows)
     return split_file
+
+
+@dataclass
+class EODataConfig(M3LEODataConfig):
+    fake_root: str = field(default="", metadata={"help": "Folder for generated chips (used when split_file "
+                                                         "is empty or missing and fake_chips > 0)."})
+    fake_chips: int = field(default=0, metadata={"help": "Generated chips to write if there is no split file."})
+    fake_size: int = field(default=32, metadata={"help": "Generated chip size in pixels."})
+    fake_seed: int = field(default=0, metadata={"help": "Seed of the generated chips."})
+
+
+def ensure_chips(data: EODataConfig) -> M3LEODataConfig:
+    """The M3LEO config to read; generates fake chips first when asked and none exist."""
+    import dataclasses
+
+    split_file = data.split_file
+    if data.fake_chips > 0 and (not split_file or not Path(split_file).is_file()):
+        root = Path(data.fake_root or "runs/fake_m3leo")
+        existing = sorted(root.glob(f"*/*_fake{data.fake_seed}_splits_*.csv"))
+        split_file = str(existing[0]) if existing else str(
+            make_fake_m3leo(root, n_chips=data.fake_chips, size=data.fake_size, seed=data.fake_seed))
+    values = {f.name: getattr(data, f.name) for f in dataclasses.fields(M3LEODataConfig)}
+    values["split_file"] = split_file
+    return M3LEODataConfig(**values)

@@ -17,7 +17,7 @@ from typing import Any, Literal
 
 import numpy as np
 
-from data.m3leo import M3LEODataConfig
+from data.fake_geotiff import EODataConfig
 from heads.mlc import MLCConfig
 from mm.config import ConfigError
 
@@ -33,8 +33,8 @@ class ClusterDataConfig:
                                                     f"{FASHION_MNIST_DIR})."})
     split: str = field(default="test", metadata={"help": "Fashion-MNIST (train/test) or M3LEO split."})
     limit: int | None = field(default=None, metadata={"help": "Use this many samples (class-stratified)."})
-    m3leo: dict[str, Any] = field(default_factory=dict,
-                                  metadata={"help": "M3LEODataConfig keys (source m3leo)."})
+    m3leo: dict[str, Any] = field(default_factory=dict, metadata={
+        "help": "M3LEO data keys (data.fake_geotiff.EODataConfig: split_file or fake_chips, modalities, ...)."})
 
 
 @dataclass
@@ -116,12 +116,14 @@ def load_features(data: ClusterDataConfig) -> tuple[np.ndarray, np.ndarray, tupl
         with np.load(data.path) as archive:
             x, y = archive["features"], archive["labels"]
     else:
-        x, y = m3leo_features(M3LEODataConfig(**data.m3leo), data.split)
+        from data.fake_geotiff import ensure_chips
+
+        x, y = m3leo_features(ensure_chips(EODataConfig(**data.m3leo)), data.split)
     index = stratified(np.asarray(y), data.limit)
     return np.asarray(x, np.float32)[index], np.asarray(y)[index], image_shape
 
 
-def m3leo_features(config: M3LEODataConfig, split: str) -> tuple[np.ndarray, np.ndarray]:
+def m3leo_features(config: Any, split: str) -> tuple[np.ndarray, np.ndarray]:
     """Per chip: masked mean and std of every normalised band; label: the dominant WorldCover class."""
     from data.m3leo import M3LEODataset
 
@@ -262,5 +264,5 @@ def load_cluster_recipe(path: str | Path, overrides: list[str] | None = None) ->
     if unknown:
         raise ConfigError(f"{source}: key 'methods' has unknown method(s) {unknown}; known: {', '.join(METHODS)}")
     if recipe.data.source == "m3leo":
-        _build(M3LEODataConfig, recipe.data.m3leo, "data.m3leo", source)
+        _build(EODataConfig, recipe.data.m3leo, "data.m3leo", source)
     return recipe
