@@ -47,6 +47,8 @@ CASES: dict[str, Case] = {
     "bone": Case("bone", {"r": 4}),
     "mos": Case("mos", {"r": 4, "alpha": 8.0, "pool_shards": 12, "private_shards": 2}),
     "diffora": Case("diffora", {"r": 4, "alpha": 8.0}),
+    "mtsk-ms": Case("mtsk", {"r": 4, "alpha": 8.0, "strategy": "ms", "scales": ["a4_v2", "a16_v5"]}),
+    "mtsk-mss": Case("mtsk", {"r": 4, "alpha": 8.0, "strategy": "mss", "scales": ["a4_v2"], "default_scale": "a4_v2"}),  # one scale: every LoRA trains in the un-routed contract forward; tests/mm/test_mtsk.py covers several
     "mole": Case("mole", {"r": 4, "alpha": 8.0, "num_experts": 2}, mergeable=False),
     "mixlora": Case("mixlora", {"r": 4, "alpha": 8.0, "num_experts": 3, "top_k": 2}, mergeable=False),
 }

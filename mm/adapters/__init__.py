@@ -14,6 +14,7 @@ from mm.adapters import (  # noqa: F401  (importing registers them)
     mixlora,
     mole,
     mos,
+    mtsk,
     nola,
     pissa,
     randlora,
