@@ -89,6 +89,15 @@ def _dylora_row(eval_rank: int, *, plain: bool = False) -> ReproMethod:
     return ReproMethod(config, init=_dylora_modes, claim=claim)
 
 
+def _full_fine_tuning(model: nn.Module, name: str, calibration: Calibration) -> None:
+    """Reference row: the adapted layers' own weights and biases train; the (rank-1) adapter stays frozen at 0."""
+    import mm
+
+    for _, layer in mm.adapted_layers(model):
+        layer.adapters[name].requires_grad_(False)
+        layer.base.requires_grad_(True)
+
+
 RANK = 4
 
 METHODS: dict[str, ReproMethod] = {
@@ -120,4 +129,25 @@ METHODS: dict[str, ReproMethod] = {
     **{f"dylora@{b}": _dylora_row(b) for b in range(1, RANK)},
     "dylora": _dylora_row(RANK),
     **{f"lora-cut@{b}": _dylora_row(b, plain=True) for b in range(1, RANK)},
+    "full_ft": ReproMethod(
+        {"method": "lora", "r": 1}, init=_full_fine_tuning,
+        claim="reference: full fine-tuning of the adapted layers (the gap RandLoRA should close)",
+    ),
+    "block_lora": ReproMethod(
+        {"method": "block_lora", "r": RANK, "alpha": 2.0 * RANK, "blocks": 2},
+        claim="matches LoRA with fewer parameters (one down-projection block shared by the input chunks)",
+    ),
+    "nola": ReproMethod(
+        {"method": "nola", "r": RANK, "alpha": 2.0 * RANK, "num_basis_a": 128, "num_basis_b": 128},
+        claim="matches LoRA with fewer parameters (only mixing coefficients of random bases train)",
+    ),
+    "randlora": ReproMethod(  # rank 16: RandLoRA's parameter count at LoRA rank 4's budget, alpha 20 r as PEFT
+        {"method": "randlora", "r": 4 * RANK, "alpha": 80.0 * RANK},
+        claim="closes more of the gap to full fine-tuning than LoRA at a similar parameter count (full rank)",
+    ),
+    "bone": ReproMethod({"method": "bone", "r": RANK}, claim="block affine update guided by W (Bat)"),
+    "mos": ReproMethod(
+        {"method": "mos", "r": RANK, "alpha": 2.0 * RANK, "pool_shards": 2 * RANK, "private_shards": 2},
+        claim="LoRA-like accuracy from shards shared across layers (fewer parameters at the same rank)",
+    ),
 }
