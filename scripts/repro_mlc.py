@@ -5,7 +5,7 @@ package ``dataset-fashion-mnist``). Every method sees the same inputs (pixels in
 init trains its feature head self-supervised on shifted copies of the images (the paper initialises from
 self-supervised features too). Prints one ACC / NMI / ARI table per data set (mean +- std over seeds).
 
-    .venv/bin/python scripts/repro_mlc.py                # digits + Fashion-MNIST (3,000), seeds 0 1 2
+    .venv/bin/python scripts/repro_mlc.py                # digits + Fashion-MNIST (2,000), seeds 0 1 2
     .venv/bin/python scripts/repro_mlc.py --quick        # digits only, one seed
 """
 
@@ -23,14 +23,14 @@ from heads.mlc import MLCConfig  # noqa: E402
 from train.cluster import ClusterDataConfig, ClusterRecipe, run_clustering  # noqa: E402
 
 #: MLC settings used for both data sets (the paper's structure; sizes for a CPU).
-MLC_SETTINGS = MLCConfig(z_dim=32, hidden_dim=512, eps=0.5, gamma=0.1, eta=0.15, batch_size=512,
-                         init_epochs=20, epochs=30, lr=1e-3)
+MLC_SETTINGS = MLCConfig(z_dim=32, hidden_dim=256, eps=0.5, gamma=0.1, eta=0.15, batch_size=256,
+                         init_epochs=10, epochs=20, lr=1e-3)
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    parser.add_argument("--fmnist-limit", type=int, default=3000, help="Fashion-MNIST test images to cluster")
+    parser.add_argument("--fmnist-limit", type=int, default=2000, help="Fashion-MNIST test images to cluster")
     parser.add_argument("--datasets", nargs="+", default=["digits", "fashion_mnist"])
     parser.add_argument("--quick", action="store_true", help="digits, seed 0 only")
     args = parser.parse_args()

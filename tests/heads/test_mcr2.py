@@ -49,3 +49,23 @@ def test_mcr2_loss_prefers_the_true_partition_of_orthogonal_subspaces():
     labels = torch.arange(3).repeat_interleave(40)
     loss = MCR2Loss(eps=0.5)
     assert loss(z, labels) < loss(z, labels[torch.randperm(120)]) - 1.0
+
+
+def test_rate_gradients_match_autograd_through_torch_logdet():
+    torch.manual_seed(0)
+    z = torch.nn.functional.normalize(torch.randn(20, 5, dtype=torch.float64), dim=1).requires_grad_()
+    membership = torch.rand(4, 20, dtype=torch.float64)
+    ours = torch.autograd.grad(rate_reduction(z, membership, 0.5), z)[0]
+
+    def reference(z):
+        n, d = z.shape
+        eye = torch.eye(d, dtype=z.dtype)
+        expand = 0.5 * torch.logdet(eye + d / (n * 0.25) * z.T @ z)
+        compress = 0
+        for row in membership:
+            cov = z.T @ torch.diag(row) @ z
+            compress = compress + row.sum() / (2 * n) * torch.logdet(eye + d / (row.sum() * 0.25) * cov)
+        return expand - compress
+
+    assert torch.allclose(rate_reduction(z, membership, 0.5), reference(z))
+    assert torch.allclose(ours, torch.autograd.grad(reference(z), z)[0], atol=1e-10)
