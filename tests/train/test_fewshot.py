@@ -1,0 +1,121 @@
+"""``mmtune fewshot`` end to end on a folder of real PNG files with a tiny CLIP, the recipes it reads, and
+the saved adapters reloading to the same accuracy."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import yaml
+
+import mm
+from train.fewshot import DEFAULT_RECIPES, find_recipe, load_recipe
+
+ROOT = Path(__file__).resolve().parents[2]
+QUICK = {"lr": 1.0e-2, "batch_size": 8, "steps": 6}
+QUICK_RECIPES = {
+    "lora": {"adapters": [{"method": "lora", "targets": ["q_proj", "k_proj", "v_proj"], "r": 2}], "optim": QUICK},
+    "block_lora": {"adapters": [{"method": "block_lora", "targets": ["q_proj", "k_proj", "v_proj"], "r": 2,
+                                 "blocks": 4}], "optim": QUICK},
+    "qladder": {"qladder": {"num_queries": 4, "mlp_ratio": 1.0}, "optim": QUICK},
+}
+
+
+@pytest.mark.parametrize("path", sorted((ROOT / "configs" / "clip").rglob("*.yaml")),
+                         ids=lambda p: str(p.relative_to(ROOT / "configs")))
+def test_shipped_recipes_load(path):
+    recipe = load_recipe(path)
+    assert recipe.total_steps(16) > 0 and (recipe.adapters or recipe.qladder)
+
+
+def test_recipe_errors_name_the_file(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(yaml.safe_dump({"adapters": [{"method": "lora", "targets": ["q_proj"]}],
+                                   "optim": {"lr": 1e-3, "steps": 2, "momentum": 0.9}}))
+    with pytest.raises(mm.ConfigError, match="bad.yaml: unknown key.*momentum"):
+        load_recipe(bad)
+    bad.write_text(yaml.safe_dump({"adapters": [{"method": "lora", "rank": 2, "targets": ["q"]}],
+                                   "optim": {"lr": 1e-3, "steps": 2}}))
+    with pytest.raises(mm.ConfigError, match="bad.yaml adapters\\[0\\]: unknown key.*'rank'"):
+        load_recipe(bad)
+    (tmp_path / "ghost.yaml").write_text(yaml.safe_dump(
+        {"adapters": [{"method": "ghost_lora", "targets": ["q_proj"]}], "optim": {"lr": 1e-3, "steps": 2}}))
+    with pytest.raises(mm.ConfigError, match="method 'ghost' is not available in this build"):
+        find_recipe("ghost", tmp_path)
+    with pytest.raises(mm.ConfigError, match="no recipe .*nope.yaml; built-in methods: zero-shot, linear-probe"):
+        find_recipe("nope", DEFAULT_RECIPES)
+
+
+@pytest.fixture(scope="module")
+def fewshot_run(tmp_path_factory):
+    """One CLI run: 4 classes of fake PNGs, shots 1 and 2, seeds 1 and 2, every method, adapters saved."""
+    from data.fake_images import make_fake_fewshot_dataset
+    from encoders.clip import create_clip, save_clip_weights
+    from train.cli import main
+
+    root = tmp_path_factory.mktemp("fewshot_cli")
+    data = make_fake_fewshot_dataset(root / "data", "folder", train_per_class=3, test_per_class=5, size=32)
+    checkpoint = save_clip_weights(create_clip("tiny-test", seed=0).model, root / "tiny.safetensors")
+    recipes = root / "recipes"
+    recipes.mkdir()
+    for name, recipe in QUICK_RECIPES.items():
+        (recipes / f"{name}.yaml").write_text(yaml.safe_dump(recipe))
+    out = root / "out"
+    code = main(["fewshot", "--model", "tiny-test", "--pretrained", str(checkpoint), "--data", str(data),
+                 "--shots", "1", "2", "--seeds", "1", "2", "--recipes", str(recipes), "--out-dir", str(out),
+                 "--methods", "zero-shot", "linear-probe", "lora", "block_lora", "qladder",
+                 "--save-adapters", "--no-progress"])
+    return {"code": code, "out": out, "data": data, "checkpoint": checkpoint}
+
+
+@pytest.mark.slow
+def test_cli_writes_table_json_and_plot_for_every_method(fewshot_run):
+    from PIL import Image
+
+    assert fewshot_run["code"] == 0
+    out = fewshot_run["out"]
+    results = json.loads((out / "fewshot_results.json").read_text())
+    records = results["records"]
+    assert len(records) == 1 + 4 * 2 * 2  # zero-shot once; the rest per (shots, seed)
+    assert {(r["method"], r["shots"], r["seed"]) for r in records if r["method"] == "lora"} == {
+        ("lora", 1, 1), ("lora", 1, 2), ("lora", 2, 1), ("lora", 2, 2)}
+    assert all(0.0 <= r["accuracy"] <= 1.0 for r in records)
+    table = (out / "fewshot_table.md").read_text().splitlines()
+    assert table[0] == "| method | trainable params | 1-shot | 2-shot | train s/run |"
+    assert [line.split("|")[1].strip() for line in table[2:]] == [
+        "zero-shot", "linear-probe", "lora", "block_lora", "qladder"]
+    assert {row["method"] for row in results["summary"]} == {r["method"] for r in records}
+    with Image.open(out / "fewshot_accuracy.png") as plot:
+        assert plot.format == "PNG" and plot.size[0] > 300
+
+
+@pytest.mark.slow
+def test_parameter_counts_block_lora_below_lora_at_the_same_rank(fewshot_run):
+    records = json.loads((fewshot_run["out"] / "fewshot_results.json").read_text())["records"]
+    params = {r["method"]: r["trainable_params"] for r in records}
+    lora_expected = 12 * 2 * (32 + 32)  # 12 q/k/v layers of width 32, r = 2
+    assert params["zero-shot"] == 0 and params["lora"] == lora_expected
+    assert params["block_lora"] == 12 * 2 * (32 // 4 + 32) < params["lora"]
+    assert params["linear-probe"] == 4 * 32 + 4
+    assert params["qladder"] > params["lora"]
+
+
+@pytest.mark.slow
+def test_saved_adapters_reload_to_the_same_accuracy(fewshot_run):
+    from data.fewshot import load_fewshot_data
+    from encoders.clip import create_clip
+    from train.fewshot import ImageCache, accuracy, make_head
+
+    records = json.loads((fewshot_run["out"] / "fewshot_results.json").read_text())["records"]
+    bundle = create_clip("tiny-test", str(fewshot_run["checkpoint"]))
+    data = load_fewshot_data(fewshot_run["data"])
+    test_x, test_y = ImageCache(bundle.preprocess).stack(data.split("test"))
+    from train.fewshot import load_trained
+
+    for method in ("lora", "block_lora", "qladder"):
+        record = next(r for r in records if r["method"] == method and r["shots"] == 2 and r["seed"] == 2)
+        assert record["files"] and all(Path(f).is_file() for f in record["files"])
+        encoder = load_trained(bundle.model, record["files"])
+        head = make_head(bundle, encoder, data.classes, ["a photo of a {}."])
+        assert accuracy(encoder, head, test_x, test_y) == pytest.approx(record["accuracy"], abs=1e-6), method
