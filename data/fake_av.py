@@ -1,0 +1,174 @@
+"""A synthetic audio-visual speech set in ``data/avsr.py``'s layout, for tests and the AVSR demo.
+
+Sentences are digit strings ("three one four") and short commands ("turn left"). Speech comes from
+espeak-ng with varied voices, rates and pitches (22,050 Hz WAVs, so the dataset's resampling is used), or,
+with ``engine="tones"``, from pure numpy: each word a fixed pair of harmonic "syllables" (for unit tests
+where the speech content does not matter, and where espeak-ng is not installed). The mouth-region frames
+are rendered at 25 fps: lips (an ellipse) whose opening follows the audio's loudness envelope, with head
+jitter and pixel noise. Optional white noise at a given SNR is added to the written audio.
+
+    make_fake_avsr("/tmp/av", {"train": 40, "test": 10}, engine="espeak", seed=0)
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import tempfile
+import zlib
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+
+from data.avsr import add_noise
+from mm.config import ConfigError
+from mm.state import atomic_write
+
+DIGITS = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"]
+COMMANDS = ["turn left", "turn right", "go forward", "go back", "stop now", "lights on", "lights off",
+            "open the door", "close the door", "play music", "volume up", "volume down"]
+VOICES = ["en-us", "en-gb", "en-us+f3", "en-gb+m7", "en-us+m3", "en-gb+f2"]
+TONE_RATE = 16_000
+MANIFEST = "fake_av.json"
+
+
+@dataclass
+class FakeAVConfig:
+    """How ``make_fake_avsr`` generates a set (a recipe's ``synthetic`` section)."""
+
+    splits: dict[str, int] = field(default_factory=dict, metadata={
+        "help": "Utterances per split folder, e.g. {train: 200, test: 40} (empty: generate nothing)."})
+    engine: Literal["espeak", "tones"] = field(default="espeak", metadata={"help": "Speech source."})
+    seed: int = field(default=0, metadata={"help": "Seed of sentences, voices, jitter and noise."})
+    crop_size: int = field(default=32, metadata={"help": "Side of the rendered mouth crops."})
+    min_digits: int = field(default=2, metadata={"help": "Shortest digit string."})
+    max_digits: int = field(default=4, metadata={"help": "Longest digit string."})
+    command_fraction: float = field(default=0.3, metadata={"help": "Share of command sentences."})
+    snr_db: float | None = field(default=None, metadata={"help": "Add white noise at this SNR to the audio."})
+
+    def __post_init__(self) -> None:
+        if self.engine not in ("espeak", "tones"):
+            raise ConfigError(f"synthetic: key 'engine' must be 'espeak' or 'tones', got {self.engine!r}")
+        if not 1 <= self.min_digits <= self.max_digits:
+            raise ConfigError(f"synthetic: keys 'min_digits'/'max_digits' need 1 <= min <= max, got "
+                              f"{self.min_digits}, {self.max_digits}")
+        if not 0.0 <= self.command_fraction <= 1.0:
+            raise ConfigError(f"synthetic: key 'command_fraction' must be in [0, 1], got {self.command_fraction}")
+
+
+def sentence(rng: np.random.Generator, config: FakeAVConfig) -> str:
+    if rng.random() < config.command_fraction:
+        return COMMANDS[rng.integers(len(COMMANDS))]
+    count = int(rng.integers(config.min_digits, config.max_digits + 1))
+    return " ".join(DIGITS[i] for i in rng.integers(0, 10, count))
+
+
+def espeak_available() -> bool:
+    return shutil.which("espeak-ng") is not None
+
+
+def speak_espeak(text: str, voice: str, words_per_minute: int, pitch: int) -> tuple[np.ndarray, int]:
+    """espeak-ng's rendering of ``text`` as float32 mono and its sample rate (22,050 Hz)."""
+    import soundfile
+
+    if not espeak_available():
+        raise RuntimeError("espeak-ng is not installed (apt-get install espeak-ng; `make install` does it); "
+                           "or use engine='tones'")
+    with tempfile.TemporaryDirectory() as tmp:
+        wav = Path(tmp) / "speech.wav"
+        command = ["espeak-ng", "-v", voice, "-s", str(words_per_minute), "-p", str(pitch), "-w", str(wav), text]
+        done = subprocess.run(command, capture_output=True, text=True, timeout=60)
+        if done.returncode != 0 or not wav.is_file():
+            raise RuntimeError(f"espeak-ng failed on {text!r} with voice {voice}: {done.stderr.strip()}")
+        audio, rate = soundfile.read(str(wav), dtype="float32")
+    return audio, rate
+
+
+def speak_tones(text: str, rng: np.random.Generator) -> tuple[np.ndarray, int]:
+    """Numpy "speech": each word two harmonic syllables at word-specific pitches, with pauses between."""
+    pieces = [np.zeros(int(0.1 * TONE_RATE), np.float32)]
+    speed = rng.uniform(0.85, 1.15)
+    for word in text.split():
+        word_rng = np.random.default_rng(zlib.crc32(word.encode()))
+        for f0 in word_rng.uniform(110, 260, 2):
+            n = int(0.12 * speed * TONE_RATE)
+            t = np.arange(n) / TONE_RATE
+            wave = sum(np.sin(2 * np.pi * f0 * k * t) / k for k in (1, 2, 3))
+            pieces.append((0.3 * np.hanning(n) * wave).astype(np.float32))
+        pieces.append(np.zeros(int(0.06 * speed * TONE_RATE), np.float32))
+    pieces.append(np.zeros(int(0.1 * TONE_RATE), np.float32))
+    return np.concatenate(pieces), TONE_RATE
+
+
+def loudness_envelope(audio: np.ndarray, rate: int, frames: int) -> np.ndarray:
+    """RMS of each video frame's stretch of audio, smoothed and scaled to [0, 1]."""
+    edges = np.linspace(0, len(audio), frames + 1).astype(int)
+    rms = np.array([np.sqrt(np.mean(audio[a:b] ** 2)) if b > a else 0.0 for a, b in zip(edges, edges[1:], strict=False)])
+    rms = np.convolve(rms, [0.25, 0.5, 0.25], mode="same")
+    return np.clip(rms / max(rms.max(), 1e-8), 0.0, 1.0)
+
+
+def render_mouth(opening: np.ndarray, size: int, rng: np.random.Generator) -> np.ndarray:
+    """(T, size, size) uint8 mouth crops: skin, lips whose gap follows ``opening``, jitter and noise."""
+    y, x = np.mgrid[0:size, 0:size].astype(np.float32) / size - 0.5
+    frames = np.empty((len(opening), size, size), np.float32)
+    shade = rng.uniform(0.5, 0.7)
+    for t, open_t in enumerate(opening):
+        cy, cx = rng.normal(0, 0.02, 2)
+        width = 0.32 + 0.04 * open_t
+        height = 0.05 + 0.22 * open_t
+        lips = ((x - cx) / (width + 0.06)) ** 2 + ((y - cy) / (height + 0.06)) ** 2 <= 1
+        gap = ((x - cx) / width) ** 2 + ((y - cy) / height) ** 2 <= 1
+        image = shade + 0.1 * y  # skin with a vertical shading gradient
+        image = np.where(lips, 0.35, image)
+        frames[t] = np.where(gap & (open_t > 0.05), 0.08, image)
+    frames += rng.normal(0, 0.03, frames.shape)
+    return (np.clip(frames, 0, 1) * 255).round().astype(np.uint8)
+
+
+def write_utterance(folder: Path, name: str, text: str, audio: np.ndarray, rate: int, frames: np.ndarray) -> None:
+    import soundfile
+
+    folder.mkdir(parents=True, exist_ok=True)
+    atomic_write(folder / f"{name}.wav", lambda tmp: soundfile.write(tmp, audio, rate, format="WAV", subtype="PCM_16"))
+    atomic_write(folder / f"{name}.txt", lambda tmp: Path(tmp).write_text(text + "\n"))
+
+    def save_frames(tmp: str) -> None:
+        with open(tmp, "wb") as handle:
+            np.save(handle, frames)
+
+    atomic_write(folder / f"{name}.npy", save_frames)
+
+
+def make_fake_avsr(root: str | Path, config: FakeAVConfig, fps: float = 25.0) -> Path:
+    """Generate ``config.splits`` under ``root`` (skipped if ``root`` already holds this exact set)."""
+    root = Path(root)
+    wanted = {**asdict(config), "fps": fps}
+    manifest = root / MANIFEST
+    if manifest.is_file() and json.loads(manifest.read_text()) == wanted:
+        return root
+    if root.exists() and any(root.iterdir()) and not manifest.is_file():
+        raise FileExistsError(f"{root}: exists and is not a generated set ({MANIFEST} missing); pick another root")
+    for split in config.splits:
+        shutil.rmtree(root / split, ignore_errors=True)
+    for split_index, (split, count) in enumerate(sorted(config.splits.items())):
+        rng = np.random.default_rng([config.seed, split_index, zlib.crc32(split.encode())])
+        for i in range(count):
+            text = sentence(rng, config)
+            voice = int(rng.integers(len(VOICES)))
+            if config.engine == "espeak":
+                audio, rate = speak_espeak(text, VOICES[voice], int(rng.integers(130, 190)), int(rng.integers(30, 71)))
+            else:
+                audio, rate = speak_tones(text, rng)
+            if config.snr_db is not None:
+                audio = add_noise(audio, config.snr_db, rng)
+            peak = float(np.abs(audio).max())
+            audio = audio * (0.9 / peak) if peak > 0.9 else audio  # PCM_16 must not clip
+            count_frames = max(1, round(len(audio) / rate * fps))
+            frames = render_mouth(loudness_envelope(audio, rate, count_frames), config.crop_size, rng)
+            write_utterance(root / split / f"spk{voice}", f"{split}_{i:05d}", text, audio, rate, frames)
+    atomic_write(manifest, lambda tmp: Path(tmp).write_text(json.dumps(wanted)))
+    return root

@@ -1,0 +1,167 @@
+"""AVSR data: LRS3-like layout, resampling, video normalisation, checks that name the file, the fake maker."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import soundfile
+import torch
+
+from data.avsr import (
+    AVSRDataConfig,
+    AVSRDataError,
+    AVSRDataset,
+    add_noise,
+    collate_avsr,
+    normalise_video,
+    read_transcript,
+)
+from data.fake_av import (
+    COMMANDS,
+    DIGITS,
+    FakeAVConfig,
+    loudness_envelope,
+    make_fake_avsr,
+    render_mouth,
+    speak_tones,
+)
+
+
+def write(folder, name, seconds=1.0, rate=16_000, frames=25, text="one two", shape=(32, 32)):
+    folder.mkdir(parents=True, exist_ok=True)
+    t = np.arange(int(seconds * rate)) / rate
+    soundfile.write(str(folder / f"{name}.wav"), (0.3 * np.sin(2 * np.pi * 200 * t)).astype(np.float32), rate)
+    np.save(folder / f"{name}.npy", np.full((frames, *shape), 128, np.uint8))
+    (folder / f"{name}.txt").write_text(text)
+
+
+def config(root, **options) -> AVSRDataConfig:
+    return AVSRDataConfig(root=str(root), crop_size=16, **options)
+
+
+def test_reads_resamples_and_normalises(tmp_path):
+    write(tmp_path / "train" / "spk0", "a", seconds=1.0, rate=22_050, frames=25, shape=(40, 48))
+    write(tmp_path / "train" / "spk1", "b", seconds=0.6, rate=16_000, frames=15)
+    ds = AVSRDataset(config(tmp_path), "train")
+    assert [u.id for u in ds.utterances] == ["spk0/a", "spk1/b"]
+    sample = ds[0]
+    assert sample["audio"].dtype == torch.float32 and abs(len(sample["audio"]) - 16_000) <= 1
+    assert sample["video"].shape == (25, 16, 16)
+    torch.testing.assert_close(sample["video"], torch.full((25, 16, 16), 128 / 255))
+    assert sample["text"] == "one two"
+    batch = collate_avsr([ds[0], ds[1]])
+    assert batch["audio"].shape == (2, 16_000) and batch["audio_lengths"].tolist() == [16_000, 9_600]
+    assert batch["video"].shape == (2, 25, 16, 16) and batch["video_lengths"].tolist() == [25, 15]
+    assert batch["text"] == ["one two", "one two"] and batch["id"] == ["spk0/a", "spk1/b"]
+
+
+def test_video_colour_and_frame_rate_are_normalised():
+    frames = np.zeros((50, 20, 20, 3), np.uint8)
+    frames[..., 0] = np.arange(50)[:, None, None]  # red channel carries the frame index
+    video = normalise_video(frames, source_fps=50.0, fps=25.0, crop_size=10)
+    assert video.shape == (25, 10, 10)
+    expected = 0.299 * np.arange(0, 50, 2) / 255  # every other frame, as grey levels
+    np.testing.assert_allclose(video[:, 5, 5].numpy(), expected, atol=1e-5)
+
+
+def test_lrs3_transcript_format(tmp_path):
+    path = tmp_path / "t.txt"
+    path.write_text("Text:  THE QUICK  FOX\nConf:  5\n\nWORD START END ASDSCORE\nTHE 0.1 0.2 3.1\n")
+    assert read_transcript(path) == "THE QUICK FOX"
+    path.write_text("  plain   words\n")
+    assert read_transcript(path) == "plain words"
+
+
+@pytest.mark.parametrize("damage, message", [
+    (lambda f: (f / "u.wav").write_bytes(b""), r"u.wav: empty file"),
+    (lambda f: (f / "u.wav").write_bytes(b"RIFF not a wave file at all"), r"u.wav: unreadable audio"),
+    (lambda f: np.save(f / "u.npy", np.zeros((60, 32, 32), np.uint8)), r"u.npy: audio/video length mismatch"),
+    (lambda f: np.save(f / "u.npy", np.zeros((0, 32, 32), np.uint8)), r"u.npy: empty video"),
+    (lambda f: np.save(f / "u.npy", np.zeros((25, 32), np.uint8)), r"u.npy: frames must be"),
+    (lambda f: (f / "u.npy").unlink(), r"u: missing video"),
+    (lambda f: (f / "u.txt").write_text("  \n"), r"u.txt: empty transcript"),
+    (lambda f: (f / "u.npy").write_bytes(b"garbage"), r"u.npy: unreadable frames"),
+])
+def test_bad_utterances_name_the_file_or_are_skipped(tmp_path, damage, message):
+    folder = tmp_path / "train" / "spk0"
+    write(folder, "u")
+    write(folder, "v")
+    damage(folder)
+    with pytest.raises(AVSRDataError, match=message):
+        AVSRDataset(config(tmp_path), "train")
+    ds = AVSRDataset(config(tmp_path, on_error="skip"), "train")
+    assert [u.id for u in ds.utterances] == ["spk0/v"] and ds.skipped_count == 1
+    (skipped,) = ds.skipped.values()
+    assert skipped[0].endswith("spk0/u")
+
+
+def test_mismatch_within_tolerance_passes_and_too_long_is_refused(tmp_path):
+    write(tmp_path / "train" / "s", "u", seconds=1.0, frames=27)  # 80 ms off: within 0.12 s
+    assert len(AVSRDataset(config(tmp_path), "train")) == 1
+    with pytest.raises(AVSRDataError, match="u.wav: too long"):
+        AVSRDataset(config(tmp_path, max_seconds=0.5), "train")
+    with pytest.raises(AVSRDataError, match="no such split folder"):
+        AVSRDataset(config(tmp_path), "test")
+
+
+def test_mp4_without_a_reader_names_the_file_and_reader(tmp_path):
+    folder = tmp_path / "train" / "s"
+    write(folder, "u")
+    (folder / "u.npy").unlink()
+    (folder / "u.mp4").write_bytes(b"\x00\x00\x00\x18ftypmp42")
+    try:
+        import av  # noqa: F401
+    except ImportError:
+        with pytest.raises(AVSRDataError, match=r"u.mp4: reading .mp4 needs the PyAV package \('av'\)"):
+            AVSRDataset(config(tmp_path), "train")
+    else:
+        with pytest.raises(AVSRDataError, match=r"u.mp4: unreadable video"):
+            AVSRDataset(config(tmp_path), "train")
+
+
+def test_noise_has_the_asked_snr_and_is_fixed_per_utterance(tmp_path):
+    clean = np.sin(np.linspace(0, 400, 32_000)).astype(np.float32)
+    noisy = add_noise(clean, 5.0, np.random.default_rng(0))
+    snr = 10 * np.log10(np.mean(clean**2) / np.mean((noisy - clean) ** 2))
+    assert abs(snr - 5.0) < 0.2
+    write(tmp_path / "train" / "s", "u")
+    ds = AVSRDataset(config(tmp_path, snr_db=0.0), "train")
+    first, again = ds[0]["audio"], ds[0]["audio"]
+    assert torch.equal(first, again)
+    clean_ds = AVSRDataset(config(tmp_path), "train")
+    assert (first - clean_ds[0]["audio"]).abs().max() > 0.1
+
+
+def test_tone_fake_set_and_mouth_follows_loudness(tmp_path):
+    root = make_fake_avsr(tmp_path / "fake", FakeAVConfig(splits={"train": 4, "test": 2}, engine="tones"))
+    ds = AVSRDataset(AVSRDataConfig(root=str(root), crop_size=32), "train")
+    assert len(ds) == 4 and len(AVSRDataset(AVSRDataConfig(root=str(root), crop_size=32), "test")) == 2
+    sample = ds[0]
+    assert abs(len(sample["audio"]) / 16_000 - len(sample["video"]) / 25) < 0.05
+    assert sample["text"] in COMMANDS or all(w in DIGITS for w in sample["text"].split())
+    # Again with the same settings: nothing is rewritten.
+    stamp = (root / "fake_av.json").stat().st_mtime_ns
+    make_fake_avsr(root, FakeAVConfig(splits={"train": 4, "test": 2}, engine="tones"))
+    assert (root / "fake_av.json").stat().st_mtime_ns == stamp
+    audio, rate = speak_tones("one two three", np.random.default_rng(0))
+    opening = loudness_envelope(audio, rate, 40)
+    frames = render_mouth(opening, 32, np.random.default_rng(0))
+    dark = (frames < 60).sum(axis=(1, 2))
+    assert np.corrcoef(opening, dark)[0, 1] > 0.8
+
+
+def test_espeak_fake_set(tmp_path):
+    """Needs espeak-ng (the Makefile installs it): real synthesised speech at 22,050 Hz, read at 16 kHz."""
+    root = make_fake_avsr(tmp_path / "fake", FakeAVConfig(splits={"train": 3}, engine="espeak", seed=1))
+    wav = next(root.rglob("*.wav"))
+    assert soundfile.info(str(wav)).samplerate == 22_050
+    ds = AVSRDataset(AVSRDataConfig(root=str(root), crop_size=24), "train")
+    sample = ds[0]
+    assert sample["video"].shape[1:] == (24, 24) and sample["audio"].abs().max() > 0.05
+    assert abs(len(sample["audio"]) / 16_000 - len(sample["video"]) / 25) < 0.05
+
+
+def test_generated_root_is_not_overwritten_when_foreign(tmp_path):
+    (tmp_path / "mine.txt").write_text("keep")
+    with pytest.raises(FileExistsError, match="not a generated set"):
+        make_fake_avsr(tmp_path, FakeAVConfig(splits={"train": 1}, engine="tones"))
