@@ -107,16 +107,18 @@ class Bone(Adapter):
         block = self.bone_block
         return (weight.data_ptr(), tuple(weight.shape), block._version, block.data_ptr(), *_fingerprint(weight))
 
-    @torch.no_grad()
     def delta_weight(self, base: nn.Module) -> torch.Tensor:
         """The update relative to the unmerged W, also while merged (then W is recovered by inversion)."""
         weight = weight_out_in(base)
-        if self._merged_print is not None and self._state_print(weight) == self._merged_print:
-            # W already carries our delta (merge made it so): recover the original W in float64.
-            original = bone_unmerged(weight.double(), self.bone_block.double())
-            return (weight.double() - original).to(self.bone_block.dtype)
+        with torch.no_grad():
+            merged_now = self._merged_print is not None and self._state_print(weight) == self._merged_print
+            if merged_now:
+                # W already carries our delta (merge made it so): recover the original W in float64.
+                original = bone_unmerged(weight.double(), self.bone_block.double())
+                return (weight.double() - original).to(self.bone_block.dtype)
         delta = self._delta(base)
-        # AdaptedLinear.merge adds this delta next; remember what the weight will then look like.
-        merged = weight + delta.to(weight.dtype)
-        self._merged_print = (weight.data_ptr(), *self._state_print(merged)[1:])
+        with torch.no_grad():
+            # AdaptedLinear.merge adds this delta next; remember what the weight will then look like.
+            merged = weight + delta.to(weight.dtype)
+            self._merged_print = (weight.data_ptr(), *self._state_print(merged)[1:])
         return delta
