@@ -51,6 +51,7 @@ CASES: dict[str, Case] = {
     "mtsk-mss": Case("mtsk", {"r": 4, "alpha": 8.0, "strategy": "mss", "scales": ["a4_v2"], "default_scale": "a4_v2"}),  # one scale: every LoRA trains in the un-routed contract forward; tests/mm/test_mtsk.py covers several
     "mole": Case("mole", {"r": 4, "alpha": 8.0, "num_experts": 2}, mergeable=False),
     "mixlora": Case("mixlora", {"r": 4, "alpha": 8.0, "num_experts": 3, "top_k": 2}, mergeable=False),
+    "mm_lora": Case("mm_lora", {"r": 4, "alpha": 8.0, "vision_r": 2, "vision_alpha": 4.0, "unrouted": "both"}, mergeable=False),  # no route in the contract forward: both LoRAs on every token; tests/mm/test_mm_lora.py covers the routed split
 }
 
 

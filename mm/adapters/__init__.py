@@ -12,6 +12,7 @@ from mm.adapters import (  # noqa: F401  (importing registers them)
     lora_sb,
     lora_xs,
     mixlora,
+    mm_lora,
     mole,
     mos,
     mtsk,
