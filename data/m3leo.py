@@ -55,7 +55,11 @@ WORLDCOVER_CODES = tuple(code for code, _ in WORLDCOVER_CLASSES)
 
 
 class M3LEOError(ValueError):
-    """A chip or split file is unreadable or malformed; the message names the file."""
+    """A chip or split file is unreadable or malformed; the message names the file (``path``)."""
+
+    def __init__(self, path: str | Path, problem: str) -> None:
+        super().__init__(f"{path}: {problem}")
+        self.path, self.problem = str(path), problem
 
 
 @dataclass(frozen=True)
@@ -158,7 +162,7 @@ def dataset_folder(split_file: str | Path) -> Path:
     split_file = Path(split_file)
     stem = split_file.name.split("_splits")[0]
     if stem == split_file.name:
-        raise M3LEOError(f"{split_file}: a split file's name must contain '_splits' (M3LEO layout)")
+        raise M3LEOError(split_file, "a split file's name must contain '_splits' (M3LEO layout)")
     return split_file.parent / stem
 
 
@@ -170,14 +174,14 @@ def read_split(split_file: str | Path, split: str) -> list[str]:
     """Chip identifiers of ``split`` in file order."""
     path = Path(split_file)
     if not path.is_file():
-        raise M3LEOError(f"{path}: split file not found")
+        raise M3LEOError(path, "split file not found")
     with open(path, newline="") as handle:
         reader = csv.DictReader(handle)
         if not reader.fieldnames or not {"identifier", "split"} <= set(reader.fieldnames):
-            raise M3LEOError(f"{path}: a split CSV needs columns 'identifier' and 'split', has {reader.fieldnames}")
+            raise M3LEOError(path, f"a split CSV needs columns 'identifier' and 'split', has {reader.fieldnames}")
         ids = [row["identifier"] for row in reader if row["split"] == split]
     if not ids:
-        raise M3LEOError(f"{path}: no chips in split {split!r}")
+        raise M3LEOError(path, f"no chips in split {split!r}")
     return ids
 
 
@@ -190,10 +194,10 @@ def _open_checked(path: Path, product: Product) -> Any:
     try:
         src = rasterio.open(path)
     except Exception as err:  # rasterio raises RasterioIOError and others for bad files
-        raise M3LEOError(f"{path}: unreadable {product.name} chip ({err})") from None
+        raise M3LEOError(path, f"unreadable {product.name} chip ({err})") from None
     if src.count != len(product.bands):
         src.close()
-        raise M3LEOError(f"{path}: {product.name} chip has {src.count} bands, expected {len(product.bands)} "
+        raise M3LEOError(path, f"{product.name} chip has {src.count} bands, expected {len(product.bands)} "
                          f"({', '.join(product.bands[:4])}{', ...' if len(product.bands) > 4 else ''})")
     return src
 
@@ -205,7 +209,7 @@ def read_chip(path: Path, product: Product, band_index: list[int]) -> tuple[np.n
         try:
             raw = src.read([i + 1 for i in band_index])
         except Exception as err:
-            raise M3LEOError(f"{path}: cannot read {product.name} bands ({err})") from None
+            raise M3LEOError(path, f"cannot read {product.name} bands ({err})") from None
         crs = src.crs
         nodata = src.nodata if src.nodata is not None else product.nodata
     values = raw.astype(np.float32)
@@ -286,7 +290,7 @@ class M3LEODataset:
         self.skipped: dict[str, str] = {}
         self.ids = self._usable(read_split(config.split_file, split))
         if not self.ids:
-            raise M3LEOError(f"{config.split_file}: every chip of split {split!r} was skipped: "
+            raise M3LEOError(config.split_file, f"every chip of split {split!r} was skipped: "
                              f"{_preview(self.skipped)}")
         self.stats = self._statistics() if config.normalize else {}
 
@@ -305,7 +309,7 @@ class M3LEODataset:
             except M3LEOError as err:
                 if self.config.on_error == "raise":
                     raise
-                self.skipped[str(err).split(": ", 1)[0]] = str(err).split(": ", 1)[-1]
+                self.skipped[err.path] = err.problem
                 continue
             keep.append(identifier)
         return keep
@@ -319,7 +323,7 @@ class M3LEODataset:
             if first is None:
                 first = (path, crs)
             elif crs != first[1]:
-                raise M3LEOError(f"{path}: CRS {crs} differs from {first[1]} of {first[0]} (same chip, other "
+                raise M3LEOError(path, f"CRS {crs} differs from {first[1]} of {first[0]} (same chip, other "
                                  f"modality)")
 
     def _read_input(self, product: str, identifier: str) -> tuple[np.ndarray, np.ndarray]:
