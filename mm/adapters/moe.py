@@ -1,4 +1,4 @@
-"""Mixtures of LoRA experts: the router, the grouped dispatch and the balance loss that MoLE and MixLoRA share.
+"""Mixtures of LoRA experts: the router, the dispatch and the balance loss that MoLE and MixLoRA share.
 
 Each adapted projection holds E LoRA experts stacked as ``lora_A`` (E, r, in) and ``lora_B`` (E, out, r). A
 router (E logits per token, computed in fp32) picks the top-k experts e_1..e_k of each token with gates
@@ -8,7 +8,8 @@ Router scope ``"block"`` (MoLE, MixLoRA): the adapted projections under one pare
 gate/up/down, open_clip's c_fc/c_proj) share one router, so a token uses the same experts in every
 projection of the block; an expert is the block with that expert's LoRAs. The projections whose input width
 is the router's (those reading the block input) route; the others (down_proj, c_proj) reuse that routing for
-the same tokens. Scope ``"layer"`` gives every projection its own router (MoLA's layout).
+the same tokens. Scope ``"layer"`` gives every projection its own router (MoLA's layout). Dispatch is
+vectorised (``masked_mix``, ``grouped_delta``): no Python loop over tokens or experts.
 
 MoLA (Gao et al., 2024) is the per-layer expert count: ``layer_experts`` (a list by layer index) or
 ``expert_groups`` with ``num_layers`` (equal groups of consecutive layers, e.g. [2, 4, 6, 8] = more experts
@@ -32,7 +33,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mm.adapters.base import Adapter, NotMergeableError
+from mm.adapters.base import Adapter, NotMergeableError, add_matmul_
 from mm.adapters.lora import LoRAConfig, _param_dtype
 from mm.config import ConfigError
 from mm.wrap import _layer_index, adapted_layers
@@ -65,10 +66,11 @@ class MixtureConfig(LoRAConfig):
     aux_loss_coef: float = field(
         default=0.01, metadata={"help": "Weight of the load-balance loss that aux_loss(model) returns."}
     )
-    dispatch: Literal["grouped", "loop"] = field(
-        default="grouped",
-        metadata={"help": "'grouped': tokens sorted by expert into one batched matmul; 'loop': the sorted "
-                  "tokens in one matmul per expert. Same result."},
+    dispatch: Literal["auto", "masked", "grouped"] = field(
+        default="auto",
+        metadata={"help": "'masked': all experts' r-wide projections in one matmul, gates as a sparse mask; "
+                  "'grouped': tokens sorted by expert into batched matmuls (cost independent of E); 'auto': "
+                  "masked while E*r <= 256, else grouped. Same result."},
     )
 
     top_k = 1  # the subclass decides: MoLE is top-1, MixLoRA a field
@@ -80,11 +82,7 @@ class MixtureConfig(LoRAConfig):
 
     def validate(self) -> None:
         super().validate()
-        m = self.method
-        if self.router_scope not in ("block", "layer"):
-            raise ConfigError(f"{m}: key 'router_scope' must be 'block' or 'layer', got {self.router_scope!r}")
-        if self.dispatch not in ("grouped", "loop"):
-            raise ConfigError(f"{m}: key 'dispatch' must be 'grouped' or 'loop', got {self.dispatch!r}")
+        m = self.method  # router_scope and dispatch: the Literal type check names the key
         if self.aux_loss_coef < 0:
             raise ConfigError(f"{m}: key 'aux_loss_coef' must be >= 0, got {self.aux_loss_coef}")
         if self.layer_experts is not None and self.expert_groups is not None:
@@ -130,11 +128,8 @@ class MixtureConfig(LoRAConfig):
             router, members = Router(in_features, experts, self, block, device), set()
             self._groups[block] = (weakref.ref(router), members)
             owner = True
-        else:
+        else:  # same parent, same layer index: the same expert count
             owner = False
-            if router.num_experts != experts:
-                raise ConfigError(f"{self.method}: {layer_name!r} resolves to {experts} experts but its block "
-                                  f"{block!r} already has {router.num_experts}")
         members.add(leaf)
         return router, owner
 
@@ -195,7 +190,7 @@ class Router(nn.Module):
         """Route the (T, in) tokens ``x``; a second call with the same ``source`` tensor reuses the result."""
         if self.routing is not None and self._input is not None and self._input() is source:
             return self.routing
-        probs = F.linear(x.float(), self.weight).softmax(dim=-1)
+        probs = F.linear(x.float(), self.weight.float()).softmax(dim=-1)  # fp32 whatever the model dtype
         top_probs, experts = probs.topk(self.top_k, dim=-1)
         gates = top_probs / top_probs.sum(-1, keepdim=True) if self.renormalize else top_probs
         self.routing = Routing(experts, gates)
@@ -245,27 +240,31 @@ def grouped_delta(x: torch.Tensor, experts: torch.Tensor, gates: torch.Tensor, l
     return outputs[flat, slot].view(tokens, k, out_features).sum(1)
 
 
-def looped_delta(x: torch.Tensor, experts: torch.Tensor, gates: torch.Tensor, lora_A: torch.Tensor,
+def masked_mix(x: torch.Tensor, experts: torch.Tensor, gates: torch.Tensor, lora_A: torch.Tensor,
+               lora_B: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(T, E*r) hidden with every unchosen expert's block zeroed, and B as (out, E*r): their product is the update.
+
+    LoRA experts are thin, so projecting every token on all E*r rows of A is one cheap matmul; the routing
+    then only masks the r-wide hidden, and B runs as one matmul that can add straight into the base output.
+    """
+    tokens = experts.shape[0]
+    num_experts, rank, in_features = lora_A.shape
+    hidden = F.linear(x, lora_A.reshape(num_experts * rank, in_features)).view(tokens, num_experts, rank)
+    mask = gates.new_zeros(tokens, num_experts).scatter(1, experts, gates)
+    mixed = (hidden * mask.unsqueeze(-1)).reshape(tokens, num_experts * rank)
+    return mixed, lora_B.permute(1, 0, 2).reshape(lora_B.shape[1], num_experts * rank)
+
+
+def masked_delta(x: torch.Tensor, experts: torch.Tensor, gates: torch.Tensor, lora_A: torch.Tensor,
                  lora_B: torch.Tensor) -> torch.Tensor:
-    """Same as ``grouped_delta``: rows sorted by expert once, then one matmul pair per expert's slice."""
-    tokens, k = experts.shape
-    if tokens == 0:
-        return x.new_zeros(0, lora_B.shape[1])
-    flat = experts.reshape(-1)
-    order = torch.argsort(flat, stable=True)
-    counts = torch.bincount(flat, minlength=lora_A.shape[0]).tolist()
-    token = order // k
-    rows = x[token]
-    scale = gates.reshape(-1)[order].unsqueeze(-1)
-    pieces = [
-        (rows_e @ lora_A[e].T * scale_e) @ lora_B[e].T
-        for e, (rows_e, scale_e) in enumerate(zip(rows.split(counts), scale.split(counts), strict=True))
-        if rows_e.shape[0]
-    ]
-    return x.new_zeros(tokens, lora_B.shape[1]).index_add(0, token, torch.cat(pieces))
+    """Same as ``grouped_delta``, through ``masked_mix``."""
+    mixed, weight = masked_mix(x, experts, gates, lora_A, lora_B)
+    return F.linear(mixed, weight)
 
 
-DISPATCH = {"grouped": grouped_delta, "loop": looped_delta}
+DISPATCH = {"masked": masked_delta, "grouped": grouped_delta}
+#: 'auto' uses the masked form while experts * rank stays this small, else the grouped one.
+MASKED_MAX_WIDTH = 256
 
 
 class MixtureOfLoRAExperts(Adapter):
@@ -294,7 +293,10 @@ class MixtureOfLoRAExperts(Adapter):
         else:  # not registered: its parameters are saved and trained once, with the owning projection
             object.__setattr__(self, "shared_router", router)
         self.routes_input = in_features == router.in_features
-        self.dispatch = DISPATCH[config.dispatch]
+        name = config.dispatch
+        if name == "auto":
+            name = "masked" if experts * config.r <= MASKED_MAX_WIDTH else "grouped"
+        self.dispatch = DISPATCH[name]
 
     @property
     def block_router(self) -> Router:
@@ -313,16 +315,22 @@ class MixtureOfLoRAExperts(Adapter):
             return router.route(flat, x)
         return router.reuse(flat.shape[0], f"{self.method} in block {router.block!r}")
 
-    def delta(self, x: torch.Tensor, base: nn.Module) -> torch.Tensor:
+    def _inputs(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(flat tokens after dropout, chosen experts, gates times the LoRA scale)."""
         routing = self.routing_for(x)
         flat = x.reshape(-1, x.shape[-1]).to(self.lora_A.dtype)
         if self.dropout is not None:
             flat = self.dropout(flat)
-        gates = (routing.gates * self.scaling).to(flat.dtype)
-        update = self.dispatch(flat, routing.experts, gates, self.lora_A, self.lora_B)
+        return flat, routing.experts, (routing.gates * self.scaling).to(flat.dtype)
+
+    def delta(self, x: torch.Tensor, base: nn.Module) -> torch.Tensor:
+        update = self.dispatch(*self._inputs(x), self.lora_A, self.lora_B)
         return update.view(*x.shape[:-1], update.shape[-1])
 
     def forward(self, x: torch.Tensor, out: torch.Tensor, base: nn.Module) -> torch.Tensor:
+        if self.dispatch is masked_delta:  # B's matmul accumulates into the base output in place
+            mixed, weight = masked_mix(*self._inputs(x), self.lora_A, self.lora_B)
+            return add_matmul_(out, mixed.to(out.dtype), weight.to(out.dtype))
         update = self.delta(x, base)
         if out.is_contiguous() and out.dtype == update.dtype:
             return out.add_(update)  # into the base's fresh output: no full-size temporary
@@ -336,14 +344,13 @@ class MixtureOfLoRAExperts(Adapter):
 
 
 def mixtures(model: nn.Module, *, active_only: bool = True):
-    """(adapter name, router) for each router of the model's mixtures (active ones by default)."""
+    """(adapter name, adapter) for each router-owning projection of the model's mixtures (active ones)."""
     for _, layer in adapted_layers(model):
         for name, adapter in layer.adapters.items():
             if not isinstance(adapter, MixtureOfLoRAExperts) or not adapter.owns_router:
                 continue
-            if active_only and (layer.disabled or name not in layer.active or name in layer.merged):
-                continue
-            yield name, adapter.router
+            if not active_only or not (layer.disabled or name not in layer.active or name in layer.merged):
+                yield name, adapter
 
 
 def aux_loss(model: nn.Module) -> torch.Tensor:
@@ -353,18 +360,13 @@ def aux_loss(model: nn.Module) -> torch.Tensor:
     """
     losses: dict[str, list[torch.Tensor]] = {}
     coefs: dict[str, float] = {}
-    for name, router in mixtures(model):
-        if router.balance_loss is not None:
-            losses.setdefault(name, []).append(router.balance_loss)
-    for _, layer in adapted_layers(model):
-        for name, adapter in layer.adapters.items():
-            if name in losses:
-                coefs[name] = adapter.config.aux_loss_coef
-    terms = [coefs[name] * torch.stack(values).mean() for name, values in losses.items()]
-    if not terms:
-        device = next(model.parameters()).device
-        return torch.zeros((), device=device)
-    return torch.stack(terms).sum()
+    for name, adapter in mixtures(model):
+        if adapter.router.balance_loss is not None:
+            losses.setdefault(name, []).append(adapter.router.balance_loss)
+            coefs[name] = adapter.config.aux_loss_coef
+    if not losses:
+        return torch.zeros((), device=next(model.parameters()).device)
+    return sum(coefs[name] * torch.stack(values).mean() for name, values in losses.items())
 
 
 @dataclass
@@ -379,9 +381,9 @@ class RouterStats:
 def router_stats(model: nn.Module) -> list[RouterStats]:
     """Per router of the active mixtures, from the latest forward: tokens per expert, mean router entropy."""
     return [
-        RouterStats(name, router.block, router.tokens_per_expert.tolist(), float(router.entropy),
-                    float(router.balance_loss.detach()))
-        for name, router in mixtures(model) if router.tokens_per_expert is not None
+        RouterStats(name, a.router.block, a.router.tokens_per_expert.tolist(), float(a.router.entropy),
+                    float(a.router.balance_loss.detach()))
+        for name, a in mixtures(model) if a.router.tokens_per_expert is not None
     ]
 
 

@@ -47,7 +47,7 @@ def _llama_mlp_reference(mlp, x, top_k, renormalize):
     return torch.stack(rows).view(*x.shape[:-1], -1)
 
 
-@pytest.mark.parametrize("dispatch", ["grouped", "loop"])
+@pytest.mark.parametrize("dispatch", ["masked", "grouped"])
 def test_mixlora_routing_matches_per_token_reference(dispatch):
     model = tiny_llama()
     mm.attach(model, MixLoRAConfig(targets=LLAMA_MLP, r=4, alpha=8.0, num_experts=5, top_k=2, dispatch=dispatch))
@@ -111,9 +111,9 @@ def test_mole_on_open_clip_mlp_is_the_chosen_experts_ffn(scale_by_gate):
         torch.testing.assert_close(mlp(x), torch.stack(rows).view(2, 16, 16), rtol=1e-5, atol=1e-5)
 
 
-def test_grouped_and_loop_dispatch_agree_in_value_and_gradient():
+def test_masked_and_grouped_dispatch_agree_in_value_and_gradient():
     results = []
-    for dispatch in ("grouped", "loop"):
+    for dispatch in ("masked", "grouped"):
         model = tiny_llama()
         mm.attach(model, MixLoRAConfig(targets=LLAMA_MLP, r=4, num_experts=6, top_k=3, dispatch=dispatch))
         perturb(model, scale=0.3)
@@ -235,6 +235,8 @@ def test_mola_errors_name_the_module_and_key():
         MixLoRAConfig(targets=["x"], layer_experts=[4, 1])
     with pytest.raises(mm.ConfigError, match="key 'router_scope'"):
         mm.AdapterConfig.from_dict({"method": "mole", "targets": ["x"], "router_scope": "token"})
+    with pytest.raises(mm.ConfigError, match="key 'dispatch'"):
+        mm.AdapterConfig.from_dict({"method": "mixlora", "targets": ["x"], "dispatch": "loop"})
     with pytest.raises(mm.ConfigError, match="unknown key.*'top_k'"):  # MoLE is top-1 by definition
         mm.AdapterConfig.from_dict({"method": "mole", "targets": ["x"], "top_k": 2})
 
@@ -300,3 +302,40 @@ def test_deepcopy_after_a_training_forward():
     mlp = clone.model.layers[0].mlp
     assert mlp.up_proj.adapters["default"].block_router is mlp.gate_proj.adapters["default"].router
     torch.testing.assert_close(clone(x).logits, model(x).logits)
+
+
+def test_auto_dispatch_masks_thin_mixtures_and_groups_wide_ones():
+    from mm.adapters.moe import grouped_delta, masked_delta
+
+    thin, wide = TinyMLP(), TinyMLP()
+    mm.attach(thin, MixLoRAConfig(targets=["fc1"], r=8, num_experts=8))
+    mm.attach(wide, MixLoRAConfig(targets=["fc1"], r=8, num_experts=64))
+    assert thin.fc1.adapters["default"].dispatch is masked_delta
+    assert wide.fc1.adapters["default"].dispatch is grouped_delta
+
+
+def test_bf16_model_routes_in_fp32_and_trains():
+    model = tiny_llama().to(torch.bfloat16)
+    mm.attach(model, MixLoRAConfig(targets=LLAMA_MLP, r=2, num_experts=4))
+    adapter = model.model.layers[0].mlp.gate_proj.adapters["default"]
+    assert adapter.lora_A.dtype == torch.bfloat16 and adapter.router.weight.dtype == torch.float32
+    model.to(torch.bfloat16)  # a later cast of the whole model still routes in fp32
+    (model(torch.randint(0, 64, (2, 5))).logits.float().pow(2).mean() + aux_loss(model)).backward()
+    assert adapter.router.weight.grad is not None and adapter.lora_A.grad is not None
+
+
+def test_gradient_checkpointing_gives_the_same_gradients():
+    grads = []
+    for checkpointing in (False, True):
+        model = tiny_llama()
+        mm.attach(model, MixLoRAConfig(targets=LLAMA_MLP, r=2, num_experts=4))
+        perturb(model, scale=0.3)
+        model.train()
+        if checkpointing:  # transformers 5 renamed gradient_checkpointing_enable
+            (getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable)()
+            assert getattr(model, "is_activation_checkpointing", None) or model.is_gradient_checkpointing
+        batch = torch.randint(0, 64, (2, 6), generator=torch.Generator().manual_seed(0))
+        (model(batch, labels=batch).loss + aux_loss(model)).backward()
+        grads.append({n: p.grad for n, p in model.named_parameters() if p.requires_grad})
+    for name, grad in grads[0].items():
+        torch.testing.assert_close(grads[1][name], grad, rtol=1e-4, atol=1e-6, msg=name)
