@@ -4,7 +4,7 @@ import pytest
 import torch
 
 import mm
-from encoders.vit import DEFAULT_TARGETS, ViTConfig, VisionTransformer
+from encoders.vit import DEFAULT_TARGETS, VisionTransformer, ViTConfig
 
 
 def test_vit_default_targets_reach_every_block_projection():
