@@ -3,8 +3,9 @@
 Methods: ``zero-shot`` (text prototypes, no training), ``linear-probe`` (logistic regression on frozen,
 L2-normalised image features, as in the CLIP paper) and any recipe ``<recipes>/<method>.yaml``: adapters
 attached to the CLIP (through the adapter registry: lora, block_lora, ...), a QLadder beside the vision
-tower, or both, trained with cross-entropy on the prototype head's logits (CLIP-LoRA's protocol). Every
-method sees the same K-shot sample for a given (shots, seed). Reports: ``train.fewshot_report``.
+tower, or both, trained with cross-entropy on the prototype head's logits (CLIP-LoRA's protocol, without its
+random-crop/flip augmentation: every image is preprocessed once, as for evaluation). Every method sees the
+same K-shot sample for a given (shots, seed). Reports: ``train.fewshot_report``.
 """
 
 from __future__ import annotations
@@ -74,6 +75,11 @@ def load_recipe(path: str | Path) -> Recipe:
     optim = raw["optim"]
     if "lr" not in optim:
         raise mm.ConfigError(f"{path}: optim needs 'lr'")
+    for key, value in optim.items():
+        kind = int if key in ("batch_size", "steps", "steps_per_shot") else float
+        if isinstance(value, bool) or not isinstance(value, int if kind is int else int | float):
+            hint = " (YAML reads 1e-3 as text: write 1.0e-3)" if isinstance(value, str) else ""
+            raise mm.ConfigError(f"{path}: optim.{key} expects {kind.__name__}, got {value!r}{hint}")
     recipe = Recipe(name=path.stem, adapters=adapters, qladder=ladder, description=raw.get("description", ""),
                     source=str(path), **{k: optim[k] for k in OPTIM_KEYS & set(optim)})
     if recipe.total_steps(1) < 1 or recipe.batch_size < 1 or recipe.lr <= 0:

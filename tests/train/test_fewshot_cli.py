@@ -39,6 +39,9 @@ def test_recipe_errors_name_the_file(tmp_path):
                                    "optim": {"lr": 1e-3, "steps": 2}}))
     with pytest.raises(mm.ConfigError, match="bad.yaml adapters\\[0\\]: unknown key.*'rank'"):
         load_recipe(bad)
+    bad.write_text("adapters: [{method: lora, targets: [q_proj]}]\noptim: {lr: 1e-3, steps: 2}\n")
+    with pytest.raises(mm.ConfigError, match="bad.yaml: optim.lr expects float, got '1e-3' \\(YAML reads"):
+        load_recipe(bad)
     (tmp_path / "ghost.yaml").write_text(yaml.safe_dump(
         {"adapters": [{"method": "ghost_lora", "targets": ["q_proj"]}], "optim": {"lr": 1e-3, "steps": 2}}))
     with pytest.raises(mm.ConfigError, match="method 'ghost' is not available in this build"):
