@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Iterable
 
 import torch
 from torch import nn
 
 from mm.adapters.base import Adapter
+from mm.quant import dequantise_linear, dequantised_weight, is_quantised_linear, quantised_kind
 from mm.route import current_route
 
 
@@ -30,7 +32,13 @@ def linear_features(module: nn.Module) -> tuple[int, int]:
 
 
 def weight_out_in(module: nn.Module) -> torch.Tensor:
-    """The layer's weight as an (out, in) tensor that shares storage with it (in-place edits reach it)."""
+    """The layer's weight as an (out, in) tensor that shares storage with it (in-place edits reach it).
+
+    A bitsandbytes 4/8-bit layer stores packed integers: it gets a dequantised float copy instead, which
+    in-place edits do not reach (``AdaptedLinear.merge`` dequantises such a layer before merging).
+    """
+    if is_quantised_linear(module):
+        return dequantised_weight(module)
     return module.weight.T if is_conv1d(module) else module.weight
 
 
@@ -106,6 +114,13 @@ class AdaptedLinear(nn.Module):
 
     @torch.no_grad()
     def merge(self, names: Iterable[str]) -> None:
+        names = [n for n in names if n in self.adapters and n not in self.merged]
+        if names and is_quantised_linear(self.base):
+            # Adding a float update to packed integers is meaningless: make the base a float layer first.
+            kind = quantised_kind(self.base)
+            self.base = dequantise_linear(self.base)
+            warnings.warn(f"merging {names} into a {kind} quantised layer: dequantised it to "
+                          f"{self.base.weight.dtype} first; the merged layer is no longer quantised", stacklevel=3)
         weight = weight_out_in(self.base)
         for name in names:
             if name in self.adapters and name not in self.merged:

@@ -1,0 +1,90 @@
+"""Checkpoints: exact resume, keep-last-N, and no interrupted save that leaves a loadable half checkpoint."""
+
+from __future__ import annotations
+
+import random
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from train_helpers import csv_losses, digits_recipe
+
+from train import checkpoint
+from train.checkpoint import complete_checkpoints, latest_checkpoint
+from train.loop import train
+
+
+def test_resume_from_a_checkpoint_continues_exactly(tmp_path):
+    # dropout makes the RNG state matter: a resume that lost it would differ at once.
+    extra = ("train.max_steps=10", "train.save_every=4", "train.keep_last=5", "adapters.default.dropout=0.2")
+    reference = train(digits_recipe(tmp_path / "ref", *extra))
+    resumed_dir = tmp_path / "resumed"
+    (resumed_dir / "checkpoints").mkdir(parents=True)
+    shutil.copytree(tmp_path / "ref" / "checkpoints" / "step-00000004", resumed_dir / "checkpoints" / "step-00000004")
+    resumed = train(digits_recipe(resumed_dir, *extra, "train.resume=auto"))
+    assert resumed.resumed_from.name == "step-00000004"
+    assert sorted(resumed.losses) == list(range(5, 11))
+    for step, loss in resumed.losses.items():
+        assert loss == pytest.approx(reference.losses[step], abs=1e-6), step
+
+
+def test_keep_last_prunes_older_checkpoints(tmp_path):
+    train(digits_recipe(tmp_path / "run", "train.max_steps=5", "train.save_every=1", "train.keep_last=2"))
+    root = tmp_path / "run" / "checkpoints"
+    assert [p.name for p in complete_checkpoints(root)] == ["step-00000004", "step-00000005"]
+    assert sorted(p.name for p in root.iterdir()) == ["step-00000004", "step-00000005"], "no temp leftovers"
+
+
+@pytest.mark.parametrize("fail_at", ["adapters", "optimizer", "state", "rename"])
+def test_a_save_interrupted_anywhere_leaves_no_checkpoint_that_loads(tmp_path, monkeypatch, fail_at):
+    recipe = digits_recipe(tmp_path / "run", "train.max_steps=4", "train.save_every=2", "train.keep_last=5")
+    calls = {"saves": 0}
+    real_save = checkpoint.save_checkpoint
+
+    def save_then_maybe_die(*args, **kwargs):
+        calls["saves"] += 1
+        if calls["saves"] == 2:  # the second save (step 4) is cut short
+            _arm_failure(monkeypatch, fail_at)
+        return real_save(*args, **kwargs)
+
+    monkeypatch.setattr("train.loop.save_checkpoint", save_then_maybe_die)
+    with pytest.raises(KeyboardInterrupt):
+        train(recipe)
+    root = tmp_path / "run" / "checkpoints"
+    assert [p.name for p in complete_checkpoints(root)] == ["step-00000002"]
+    assert latest_checkpoint(root).name == "step-00000002"
+    monkeypatch.undo()
+    result = train(digits_recipe(tmp_path / "run", "train.max_steps=4", "train.save_every=2", "train.resume=auto"))
+    assert result.resumed_from.name == "step-00000002" and result.step == 4
+    assert not [p for p in root.iterdir() if p.name.startswith(".")], "the next save clears the leftover"
+    assert sorted(csv_losses(tmp_path / "run")) == [1, 2, 3, 4]
+
+
+def _arm_failure(monkeypatch, fail_at: str) -> None:
+    """Make the next write of ``fail_at`` raise, as a kill at that moment would stop it."""
+
+    def boom(*_args, **_kwargs):
+        raise KeyboardInterrupt(f"killed while writing {fail_at}")
+
+    if fail_at == "adapters":
+        monkeypatch.setattr("mm.save_adapters", boom)
+    elif fail_at == "optimizer":
+        monkeypatch.setattr(torch, "save", boom)
+    elif fail_at == "state":
+        real = checkpoint._write_json
+        monkeypatch.setattr(checkpoint, "_write_json",
+                            lambda path, data: boom() if path.name == "state.json" else real(path, data))
+    else:  # the folder's final rename (files inside are renamed into place too: leave those alone)
+        real_replace = checkpoint.os.replace
+        monkeypatch.setattr(checkpoint.os, "replace",
+                            lambda src, dst: boom() if Path(dst).name.startswith("step-") else real_replace(src, dst))
+
+
+def test_rng_states_round_trip():
+    state = checkpoint._rng_state()
+    draws = (random.random(), np.random.rand(), torch.rand(3))
+    checkpoint._set_rng_state(state)
+    again = (random.random(), np.random.rand(), torch.rand(3))
+    assert draws[0] == again[0] and draws[1] == again[1] and torch.equal(draws[2], again[2])

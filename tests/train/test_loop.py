@@ -1,0 +1,111 @@
+"""The loop on one process: schedule, data order, accumulation, run folder, non-finite losses."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+import yaml
+from safetensors.torch import load_file
+from train_helpers import csv_losses, digits_recipe
+
+from train.config import OptimConfig, load_recipe
+from train.loop import NonFiniteLossError, batch_stream, lr_factor, train
+from train.run_log import read_metrics
+from train.task import DigitsClassification
+
+
+def test_schedule_warms_up_then_decays_to_the_floor():
+    cosine = OptimConfig(schedule="cosine", warmup_steps=4, min_lr_ratio=0.1)
+    factors = [lr_factor(s, cosine, 20) for s in range(21)]
+    assert factors[:4] == pytest.approx([0.25, 0.5, 0.75, 1.0])
+    assert factors[4] == pytest.approx(1.0) and factors[20] == pytest.approx(0.1)
+    assert factors[12] == pytest.approx(0.1 + 0.9 * 0.5)  # half-way through the decay: cos(pi/2) = 0
+    assert all(a >= b for a, b in zip(factors[4:], factors[5:], strict=False))
+    linear = OptimConfig(schedule="linear", warmup_steps=0)
+    assert [lr_factor(s, linear, 10) for s in (0, 5, 10)] == pytest.approx([1.0, 0.5, 0.0])
+    assert lr_factor(7, OptimConfig(schedule="constant"), 10) == 1.0
+
+
+def test_ranks_split_the_single_process_batches_and_resume_mid_stream():
+    data = [{"x": torch.tensor(i)} for i in range(50)]
+    collate = torch.utils.data.default_collate
+    single = batch_stream(data, collate, 8, rank=0, world=1, seed=3)
+    ranks = [batch_stream(data, collate, 4, rank=r, world=2, seed=3) for r in range(2)]
+    seen_epoch0 = []
+    for step in range(12):  # 6 batches per epoch: crosses into epoch 1
+        index, whole = next(single)
+        parts = [next(stream)[1]["x"] for stream in ranks]
+        assert index == step and torch.equal(torch.cat(parts), whole["x"])
+        if step < 6:
+            seen_epoch0.extend(whole["x"].tolist())
+    assert len(set(seen_epoch0)) == 48, "an epoch visits distinct samples"
+    resumed = batch_stream(data, collate, 8, rank=0, world=1, seed=3, start=9)
+    fresh = batch_stream(data, collate, 8, rank=0, world=1, seed=3)
+    for _ in range(9):
+        next(fresh)
+    assert torch.equal(next(resumed)[1]["x"], next(fresh)[1]["x"])
+
+
+def test_a_run_learns_and_writes_its_folder(tmp_path):
+    recipe = digits_recipe(tmp_path / "run", "train.max_steps=12", "train.eval_every=4", "train.save_every=4")
+    result = train(recipe)
+    losses = csv_losses(tmp_path / "run")
+    assert sorted(losses) == list(range(1, 13)) and losses == pytest.approx(result.losses)
+    assert sum(list(losses.values())[-3:]) < sum(list(losses.values())[:3]), "the loss must go down"
+    folder = tmp_path / "run"
+    assert (folder / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert yaml.safe_load((folder / "config.yaml").read_text())["train"]["max_steps"] == 12
+    summary = json.loads((folder / "summary.json").read_text())
+    assert summary["setup"] == "single" and summary["step"] == 12 and summary["eval"]["accuracy"] > 0.2
+    assert sorted(p.name for p in (folder / "checkpoints").iterdir()) == ["step-00000008", "step-00000012"]
+    assert (folder / "checkpoints" / "step-00000012" / "config.yaml").is_file()
+    evals = [r for r in read_metrics(folder / "metrics.csv") if r["split"] == "eval" and r["metric"] == "accuracy"]
+    assert [r["step"] for r in evals] == [4, 8, 12] and evals[-1]["value"] > evals[0]["value"]
+    # The saved adapters and head reproduce the trained model's evaluation on a fresh task.
+    from train.checkpoint import load_trainable
+
+    fresh = DigitsClassification(load_recipe(folder / "config.yaml"))
+    load_trainable(fresh, folder)
+    metrics = fresh.evaluate([fresh.collate([fresh.eval_dataset()[i] for i in range(len(fresh.eval_dataset()))])])
+    assert metrics["accuracy"] == pytest.approx(result.eval_metrics["accuracy"])
+    assert all(t.numel() > 0 for t in load_file(folder / "adapters.safetensors").values())
+
+
+def test_gradient_accumulation_equals_the_larger_batch(tmp_path):
+    big = train(digits_recipe(tmp_path / "big", "train.max_steps=6", "train.batch_size=32"))
+    accumulated = train(digits_recipe(tmp_path / "acc", "train.max_steps=6", "train.batch_size=16",
+                                      "train.grad_accum=2"))
+    assert accumulated.losses == pytest.approx(big.losses, abs=1e-5)
+    a, b = load_file(tmp_path / "big" / "adapters.safetensors"), load_file(tmp_path / "acc" / "adapters.safetensors")
+    assert all(torch.allclose(a[k], b[k], atol=1e-5) for k in a)
+
+
+def _nan_at_call(monkeypatch, call: int) -> None:
+    original, calls = DigitsClassification.training_step, {"n": 0}
+
+    def poisoned(self, batch):
+        calls["n"] += 1
+        loss, logs = original(self, batch)
+        return (loss * float("nan") if calls["n"] == call else loss), logs
+
+    monkeypatch.setattr(DigitsClassification, "training_step", poisoned)
+
+
+def test_nonfinite_loss_stops_after_saving_the_last_good_step(tmp_path, monkeypatch):
+    _nan_at_call(monkeypatch, call=5)
+    with pytest.raises(NonFiniteLossError, match=r"loss is nan at step 5 .*step-00000004.*\(step 4\)"):
+        train(digits_recipe(tmp_path / "run", "train.max_steps=10"))
+    state = json.loads((tmp_path / "run" / "checkpoints" / "step-00000004" / "state.json").read_text())
+    assert state["step"] == 4 and state["micro_batches"] == 4
+
+
+def test_nonfinite_loss_skip_drops_that_step_and_goes_on(tmp_path, monkeypatch):
+    _nan_at_call(monkeypatch, call=3)
+    result = train(digits_recipe(tmp_path / "run", "train.max_steps=6", "train.nonfinite=skip"))
+    assert result.skipped_steps == 1 and math.isnan(result.losses[3])
+    assert all(math.isfinite(result.losses[s]) for s in (1, 2, 4, 5, 6))
+    weights = load_file(tmp_path / "run" / "adapters.safetensors")
+    assert all(torch.isfinite(t).all() for t in weights.values()), "NaN gradients must not reach the weights"

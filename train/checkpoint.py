@@ -1,0 +1,199 @@
+"""Checkpoints that survive a kill: everything is written into a hidden temp folder, which is renamed to
+``step-NNNNNNNN`` only when complete. A kill at any moment leaves either the old set of checkpoints or
+the old set plus one complete new one; a leftover temp folder is never taken for a checkpoint.
+
+A checkpoint holds the adapters (``mm.save_adapters``, gathered under ZeRO-3), the other trainable
+parameters (a task's head), the optimizer (DeepSpeed: its own sharded files), the scheduler, each rank's
+RNG states, the data position and the resolved recipe.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import re
+import shutil
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+import mm
+from mm.state import atomic_write
+from train.config import Recipe, save_resolved
+from train.distributed import gathered, is_deepspeed
+
+STEP_DIR = re.compile(r"step-(\d{8})")
+
+
+@dataclass
+class TrainState:
+    """Where training stands: optimizer steps done and micro-batches consumed (the data position)."""
+
+    step: int = 0
+    micro_batches: int = 0
+    skipped_steps: int = 0
+    world_size: int = 1
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint is missing, incomplete or does not fit this run; the message names the folder."""
+
+
+def complete_checkpoints(root: str | Path) -> list[Path]:
+    """Complete checkpoints under ``root``, oldest first (a complete one has its ``state.json``)."""
+    root = Path(root)
+    if not root.is_dir():
+        return []
+    found = [p for p in root.iterdir() if p.is_dir() and STEP_DIR.fullmatch(p.name) and (p / "state.json").is_file()]
+    return sorted(found, key=lambda p: int(STEP_DIR.fullmatch(p.name).group(1)))
+
+
+def latest_checkpoint(root: str | Path) -> Path | None:
+    found = complete_checkpoints(root)
+    return found[-1] if found else None
+
+
+def extra_trainable(task: nn.Module) -> dict[str, nn.Parameter]:
+    """Trainable parameters that are not adapter tensors (a task's head, say): saved beside the adapters."""
+    in_adapters = {id(p) for _, layer in mm.adapted_layers(task) for p in layer.adapters.parameters()}
+    return {n: p for n, p in task.named_parameters() if p.requires_grad and id(p) not in in_adapters}
+
+
+def save_trainable(accelerator, task: nn.Module, folder: Path) -> None:
+    """adapters.safetensors (+ trainable.safetensors for the rest); every rank calls, rank 0 writes."""
+    params = [p for p in task.parameters() if p.requires_grad]
+    with gathered(accelerator, params):
+        if accelerator.is_main_process:
+            if mm.adapter_names(task):
+                mm.save_adapters(task, folder / "adapters.safetensors")
+            extras = {n: p.detach().cpu().contiguous().clone() for n, p in extra_trainable(task).items()}
+            if extras:
+                atomic_write(folder / "trainable.safetensors", lambda tmp: save_file(extras, tmp))
+
+
+def _rng_state() -> dict[str, Any]:
+    np_state = np.random.get_state()
+    state = {
+        "python": [random.getstate()[0], list(random.getstate()[1]), random.getstate()[2]],
+        "numpy": [np_state[0], np_state[1].tolist(), *np_state[2:]],
+        "torch": torch.get_rng_state().tolist(),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = [s.tolist() for s in torch.cuda.get_rng_state_all()]
+    return state
+
+
+def _set_rng_state(state: dict[str, Any]) -> None:
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    name, keys, *rest = state["numpy"]
+    np.random.set_state((name, np.array(keys, dtype=np.uint32), *rest))
+    torch.set_rng_state(torch.tensor(state["torch"], dtype=torch.uint8))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all([torch.tensor(s, dtype=torch.uint8) for s in state["cuda"]])
+
+
+def _write_json(path: Path, data: Any) -> None:
+    atomic_write(path, lambda tmp: Path(tmp).write_text(json.dumps(data)))
+
+
+def save_checkpoint(accelerator, model, task: nn.Module, optimizer, scheduler, state: TrainState,
+                    recipe: Recipe, root: str | Path, keep_last: int) -> Path:
+    """Write a checkpoint of ``state`` under ``root``; collective: every rank must call it."""
+    root = Path(root)
+    final = root / f"step-{state.step:08d}"
+    if (final / "state.json").is_file():
+        return final  # this step is saved already (a stop right after a save)
+    tmp = root / f".tmp-step-{state.step:08d}"
+    if accelerator.is_main_process:
+        shutil.rmtree(tmp, ignore_errors=True)  # a leftover from a killed run
+        tmp.mkdir(parents=True)
+    accelerator.wait_for_everyone()
+    save_trainable(accelerator, task, tmp)
+    if is_deepspeed(accelerator):
+        # ZeRO shards the optimizer state; DeepSpeed writes each rank's part.
+        model.save_checkpoint(str(tmp / "deepspeed"), tag="state", exclude_frozen_parameters=True,
+                              save_latest=False)
+    elif accelerator.is_main_process:
+        atomic_write(tmp / "optimizer.pt", lambda t: torch.save(optimizer.state_dict(), t))
+    _write_json(tmp / f"rng-rank{accelerator.process_index}.json", _rng_state())
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        _write_json(tmp / "scheduler.json", scheduler.state_dict())
+        save_resolved(recipe, tmp / "config.yaml")
+        _write_json(tmp / "state.json", asdict(state))  # last: its presence marks the folder complete
+        _fsync_dir(tmp)
+        os.replace(tmp, final)
+        _fsync_dir(root)
+        prune(root, keep_last)
+    accelerator.wait_for_everyone()
+    return final
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def prune(root: Path, keep_last: int) -> None:
+    """Drop all but the newest ``keep_last`` complete checkpoints and any leftover temp folders. A folder
+    is renamed out of the ``step-`` namespace before it is deleted, so a kill mid-delete leaves no
+    half-deleted folder that looks complete."""
+    doomed = complete_checkpoints(root)[:-keep_last]
+    for path in doomed:
+        trash = root / f".trash-{path.name}"
+        os.replace(path, trash)
+    for path in root.iterdir():
+        if path.name.startswith(".trash-") or (path.name.startswith(".tmp-") and path.is_dir()):
+            shutil.rmtree(path, ignore_errors=True)
+
+
+def load_checkpoint(accelerator, model, task: nn.Module, optimizer, scheduler, folder: str | Path) -> TrainState:
+    """Restore a checkpoint written by ``save_checkpoint`` into the prepared run; returns its state."""
+    folder = Path(folder)
+    if not (folder / "state.json").is_file():
+        raise CheckpointError(f"{folder}: not a complete checkpoint (no state.json)")
+    state = TrainState(**json.loads((folder / "state.json").read_text()))
+    if state.world_size != accelerator.num_processes:
+        raise CheckpointError(f"{folder}: saved with {state.world_size} processes, this run has "
+                              f"{accelerator.num_processes}; the data position and RNG states would not carry over")
+    if is_deepspeed(accelerator):
+        path, _ = model.load_checkpoint(str(folder / "deepspeed"), tag="state", load_module_strict=False,
+                                        load_optimizer_states=True, load_lr_scheduler_states=False)
+        if path is None:
+            raise CheckpointError(f"{folder}/deepspeed: DeepSpeed found no checkpoint to load")
+    else:
+        load_trainable(task, folder)
+        optimizer.load_state_dict(torch.load(folder / "optimizer.pt", map_location="cpu", weights_only=True))
+    scheduler.load_state_dict(json.loads((folder / "scheduler.json").read_text()))
+    rng_file = folder / f"rng-rank{accelerator.process_index}.json"
+    _set_rng_state(json.loads(rng_file.read_text()))
+    return state
+
+
+def load_trainable(task: nn.Module, folder: str | Path) -> None:
+    """Load adapters.safetensors and trainable.safetensors from ``folder`` into ``task`` (not ZeRO-3)."""
+    folder = Path(folder)
+    if (folder / "adapters.safetensors").is_file():
+        mm.load_adapters(task, folder / "adapters.safetensors")
+    extras = extra_trainable(task)
+    if extras:
+        saved = load_file(str(folder / "trainable.safetensors"))
+        missing = sorted(set(extras) - set(saved))
+        if missing:
+            raise CheckpointError(f"{folder}/trainable.safetensors: missing {missing}")
+        with torch.no_grad():
+            for name, param in extras.items():
+                if saved[name].shape != param.shape:
+                    raise CheckpointError(f"{folder}/trainable.safetensors: {name} has shape "
+                                          f"{tuple(saved[name].shape)}, the model {tuple(param.shape)}")
+                param.copy_(saved[name])
