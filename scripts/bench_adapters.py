@@ -204,13 +204,13 @@ def main(argv: list[str] | None = None) -> str:
     all_sizes = QUICK if args.quick else FULL
     sections = [f"Adapter methods vs LoRA at r={RANK}; fp32 CPU, torch {torch.__version__}, "
                 f"{torch.get_num_threads()} threads"]
+    print(sections[0], flush=True)
     for workload in args.workloads:
         results, skipped = measure(workload, all_sizes[workload], methods, args.rounds, args.steps,
                                    memory=not args.no_memory)
         sections.append(report(workload, all_sizes[workload], results, skipped))
-    text = "\n\n".join(sections)
-    print(text)
-    return text
+        print("\n" + sections[-1], flush=True)  # each workload as soon as it is measured
+    return "\n\n".join(sections)
 
 
 if __name__ == "__main__":
