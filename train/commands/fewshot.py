@@ -12,7 +12,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     parser = subparsers.add_parser(
         "fewshot", help="few-shot CLIP: zero-shot, linear probe and adapters over shots and seeds, with a report"
     )
-    parser.add_argument("--model", required=True, help="open_clip model name (e.g. ViT-B-16) or a tiny config")
+    parser.add_argument("--model", required=True,
+                        help="open_clip model name (e.g. ViT-B-16), or a tiny random config: tiny-test, tiny-digits")
     parser.add_argument("--pretrained", default=None,
                         help="open_clip pretrained tag (needs the network) or a local checkpoint file")
     parser.add_argument("--data", required=True,
