@@ -282,7 +282,7 @@ def test_mixlora_beside_plain_attention_lora_trains_and_round_trips(tmp_path):
         (out.loss + aux_loss(model)).backward()
         optimizer.step()
         optimizer.zero_grad()
-        losses.append(float(out.loss))
+        losses.append(float(out.loss.detach()))
     assert losses[-1] < losses[0]
     report = mm.trainable_report(model)
     assert report.per_adapter["attn"] > 0 and report.per_adapter["ffn"] > 0
