@@ -45,6 +45,7 @@ class ClusterRecipe:
     seeds: list[int] = field(default_factory=lambda: [0])
     spectral_neighbors: int = 10
     standardize: bool = False
+    threads: int = 1  # torch CPU threads: MLC's ops are small, extra threads mostly spin
 
 
 # ---------------------------------------------------------------------------- scores
@@ -190,7 +191,7 @@ def run_clustering(recipe: ClusterRecipe, log: Callable[[str], None] = print) ->
     """Every method x seed on the recipe's features; prints and returns the scores."""
     import torch
 
-    torch.set_num_threads(max(1, torch.get_num_threads()))
+    torch.set_num_threads(recipe.threads)
     x, y, image_shape = load_features(recipe.data)
     if recipe.standardize:
         x = (x - x.mean(0)) / (x.std(0) + 1e-6)
