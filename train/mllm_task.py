@@ -118,6 +118,9 @@ class MLLMTask(AdapterTask):
         with torch.random.fork_rng():  # the tower's own seed must not reset the recipe's RNG stream
             bundle = create_clip(cfg.vision, cfg.vision_pretrained, seed=cfg.vision_seed)
         blocks = bundle.model.visual.transformer.resblocks
+        if not -len(blocks) <= cfg.vision_layer < len(blocks):
+            raise mm.ConfigError(f"{self.recipe.source}: key 'model.vision_layer' is {cfg.vision_layer}; the "
+                                 f"tower {cfg.vision!r} has {len(blocks)} blocks")
         ladder = None
         if cfg.qladder is not None:
             ladder_cfg = QLadderConfig.from_dict(cfg.qladder, source=f"{self.recipe.source}: model.qladder")

@@ -219,3 +219,13 @@ def test_mole_stage_adds_the_balance_loss(tmp_path):
     loss.backward()
     router = next(p for n, p in task.named_parameters() if "router" in n)
     assert router.grad is not None and router.grad.abs().sum() > 0
+
+
+def test_missing_earlier_stage_and_bad_vision_layer_are_named(tmp_path):
+    from train.mllm_task import MLLMTask
+
+    make_fake_instruct(tmp_path / "data", 2, seed=0)
+    with pytest.raises(mm.ConfigError, match=r"key 'model.vision_layer' is 5; the tower 'tiny-test' has 2 blocks"):
+        MLLMTask(recipe(tmp_path, "projector", "p", vision_layer=5))
+    with pytest.raises(mm.ConfigError, match=r"key 'model.init_from': no such file .*nope.safetensors"):
+        MLLMTask(recipe(tmp_path, "projector", "p", init_from=[str(tmp_path / "nope.safetensors")]))
