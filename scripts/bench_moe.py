@@ -157,7 +157,7 @@ def check_same_logits(models: dict, batch: dict) -> None:
 
 
 def measure(sizes: dict, rounds: int, steps: int, memory: bool):
-    """(median step ms, median block ms, peak MiB or {}, trainable params, tokens per expert) per row."""
+    """(step Timing, block Timing, peak MiB or {}, trainable params, tokens per expert) per row."""
     import torch
 
     from mm.adapters.moe import router_stats
@@ -177,8 +177,7 @@ def measure(sizes: dict, rounds: int, steps: int, memory: bool):
         for row in ROWS:
             print(f"peak memory: {row}", file=sys.stderr)
             peaks[row] = benchlib.peak_rss_mib(__file__, "setup", {"row": row, **sizes}, steps=2)["growth_mib"]
-    return ({r: t.median_ms for r, t in step.items()}, {r: t.median_ms for r, t in block.items()}, peaks,
-            params, load)
+    return step, block, peaks, params, load
 
 
 def report(step: dict, block: dict, peaks: dict, params: dict) -> str:
@@ -186,12 +185,15 @@ def report(step: dict, block: dict, peaks: dict, params: dict) -> str:
     rows = []
     for key, label in ROWS.items():
         peak = peaks.get(key)
-        rows.append([label, step[key], f"{step[key] / step[ref]:.2f}x", block[key], f"{block[key] / block[ref]:.2f}x",
-                     "-" if peak is None else peak, "-" if peak is None else f"{peak / peaks[ref]:.2f}x",
-                     params[key]])
+        rows.append([label, step[key].median_ms, f"{step[key].median_ms / step[ref].median_ms:.2f}x",
+                     "{:.0f}-{:.0f}".format(*step[key].spread_ms), block[key].median_ms,
+                     f"{block[key].median_ms / block[ref].median_ms:.2f}x", "-" if peak is None else peak,
+                     "-" if peak is None else f"{peak / peaks[ref]:.2f}x", params[key]])
     table = benchlib.markdown_table(
-        ["", "train step ms", "vs default", "MLP block fwd+bwd ms", "vs default", "peak RSS growth MiB",
-         "vs default", "trainable params"], rows)
+        ["", "train step ms", "vs default", "step min-max ms", "MLP block fwd+bwd ms", "vs default",
+         "peak RSS growth MiB", "vs default", "trainable params"], rows)
+    step = {key: timing.median_ms for key, timing in step.items()}
+    block = {key: timing.median_ms for key, timing in block.items()}
     lines = [
         f"- naive per-expert loop / default, training step: {step['naive'] / step[ref]:.2f}x "
         f"(MLP block: {block['naive'] / block[ref]:.2f}x)",
