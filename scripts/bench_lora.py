@@ -154,7 +154,7 @@ def trainable(model) -> int:
     return sum(p.numel() for p in model.parameters() if p.requires_grad)
 
 
-def measure(sizes: dict, rounds: int, steps: int, memory: bool) -> tuple[dict, dict, dict]:
+def measure(sizes: dict, rounds: int, steps: int, memory: bool, clock: str = "wall") -> tuple[dict, dict, dict]:
     """(median ms per row, peak MiB per row or {}, trainable params per tool)."""
     import torch
 
@@ -170,8 +170,8 @@ def measure(sizes: dict, rounds: int, steps: int, memory: bool) -> tuple[dict, d
         "mmtune_train": train_step_fn(mm_model, batch), "peft_train": train_step_fn(peft_model, batch),
     }
     print(f"timing {len(steps_by_row)} variants: {rounds} rounds x {steps} steps, "
-          f"{torch.get_num_threads()} threads", file=sys.stderr)
-    timings = benchlib.time_interleaved(steps_by_row, rounds=rounds, steps=steps, warmup=1)
+          f"{torch.get_num_threads()} threads, {clock} clock", file=sys.stderr)
+    timings = benchlib.time_interleaved(steps_by_row, rounds=rounds, steps=steps, warmup=1, clock=clock)
     medians = {row: t.median_ms for row, t in timings.items()}
     peaks = {}
     if memory:
@@ -209,16 +209,18 @@ def main(argv: list[str] | None = None) -> str:
     parser.add_argument("--steps", type=int, default=2, help="timed calls per variant per round")
     parser.add_argument("--no-memory", action="store_true", help="skip the peak-memory child processes")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    parser.add_argument("--clock", choices=sorted(benchlib.CLOCKS), default="wall",
+                        help="'cpu': CPU seconds of this process, steadier on a loaded machine (use --threads 1)")
     args = parser.parse_args(argv)
     import torch
 
     if args.threads:
         torch.set_num_threads(args.threads)
     sizes = QUICK if args.quick else FULL
-    medians, peaks, params = measure(sizes, args.rounds, args.steps, memory=not args.no_memory)
+    medians, peaks, params = measure(sizes, args.rounds, args.steps, memory=not args.no_memory, clock=args.clock)
     shape = ", ".join(f"{k} {v}" for k, v in sizes.items())
     text = (f"LoRA r={RANK} alpha={ALPHA} on {','.join(TARGETS)}; Llama {shape}; fp32 CPU, "
-            f"torch {torch.__version__}, {torch.get_num_threads()} threads\n\n" + report(medians, peaks, params))
+            f"torch {torch.__version__}, {torch.get_num_threads()} threads, {args.clock} clock\n\n" + report(medians, peaks, params))
     print(text)
     return text
 
