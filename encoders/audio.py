@@ -40,6 +40,8 @@ class AudioEncoderConfig:
     heads: int = field(default=4, metadata={"help": "Tiny encoder: attention heads."})
     ffn_dim: int = field(default=128, metadata={"help": "Tiny encoder: MLP width."})
     window_seconds: float = field(default=4.0, metadata={"help": "Tiny encoder: input window (Whisper: 30 s)."})
+    init_std: float = field(default=0.02, metadata={"help": "Tiny encoder: std of the random weights (Whisper's "
+                                                            "0.02 lets the positional embedding swamp the input)."})
 
 
 def whisper_log_mel(waveforms: torch.Tensor, n_mels: int, n_samples: int) -> torch.Tensor:
@@ -108,7 +110,7 @@ def tiny_whisper_config(config: AudioEncoderConfig):
         encoder_attention_heads=config.heads, encoder_ffn_dim=config.ffn_dim, decoder_layers=1,
         decoder_attention_heads=config.heads, decoder_ffn_dim=config.ffn_dim, max_source_positions=frames,
         max_target_positions=32, vocab_size=64, pad_token_id=0, bos_token_id=1, eos_token_id=2,
-        decoder_start_token_id=1, dropout=0.0, attention_dropout=0.0, activation_dropout=0.0)
+        decoder_start_token_id=1, init_std=config.init_std, dropout=0.0, attention_dropout=0.0, activation_dropout=0.0)
 
 
 def build_audio_encoder(config: AudioEncoderConfig) -> WhisperAudioEncoder:

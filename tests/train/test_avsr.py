@@ -1,0 +1,214 @@
+"""The AVSR task: Matryoshka training over rate pairs, sequence layout, decoding, validation, the recipes."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import mm
+from mm.route import route
+from train.avsr_model import VocabTokenizer, pair_name, rate_pairs
+from train.config import load_recipe, recipe_from_dict
+from train.task import get_task
+
+PAIRS = ["a4_v2", "a4_v5", "a16_v2", "a16_v5"]
+
+
+def raw_recipe(root, strategy="mss", **model) -> dict:
+    return {
+        "task": "avsr", "seed": 0,
+        "model": {"audio": {"window_seconds": 2.5, "d_model": 32, "layers": 1, "ffn_dim": 64, "init_std": 0.3},
+                  "llm": {"hidden_size": 32, "intermediate_size": 64, "layers": 1}, "projector_hidden": 32, **model},
+        "data": {"root": str(root), "crop_size": 32},
+        "synthetic": {"splits": {"train": 6, "test": 3}, "engine": "tones"},
+        "adapters": {"mtsk": {"method": "mtsk", "strategy": strategy, "targets": ["q_proj", "v_proj"], "r": 4,
+                              "scales": [pair_name(a, v) for a, v in rate_pairs(_model_config(model)).values()]}},
+        "train": {"batch_size": 3, "max_steps": 2, "progress": False},
+    }
+
+
+def _model_config(model: dict):
+    from train.avsr_model import AVSRModelConfig
+
+    return AVSRModelConfig(**{k: v for k, v in model.items() if k in ("audio_rates", "video_rates")})
+
+
+@pytest.fixture(scope="module")
+def root(tmp_path_factory):
+    return tmp_path_factory.mktemp("avsr")
+
+
+def build(root, **options):
+    recipe = recipe_from_dict(raw_recipe(root, **options), name="t", source="test")
+    torch.manual_seed(0)
+    task = get_task("avsr")(recipe)
+    batch = task.collate([task.train_dataset()[i] for i in range(3)])
+    return task, batch
+
+
+def test_training_step_averages_every_pair_and_trains_all_scales(root):
+    task, batch = build(root)
+    assert list(task.model.pairs) == PAIRS
+    loss, logs = task.training_step(batch)
+    assert set(logs) == {f"loss_{p}" for p in PAIRS}
+    assert float(loss.detach()) == pytest.approx(sum(logs.values()) / 4, rel=1e-5)
+    for name, param in task.named_parameters():  # B = 0 at init: give A a gradient path first
+        if param.requires_grad and name.endswith("lora_B"):
+            param.data.normal_(0, 0.1)
+    loss, _ = task.training_step(batch)
+    loss.backward()
+    trained = {n for n, p in task.named_parameters() if p.requires_grad and p.grad is not None and p.grad.abs().sum() > 0}
+    for pair in PAIRS:
+        assert any(f"scale_loras.{pair}." in n for n in trained), f"scale LoRA {pair} got no gradient"
+    assert any(".global_lora." in n for n in trained)
+    for rate in ("4", "16"):
+        assert any(f"audio_proj.projectors.{rate}." in n for n in trained)
+    for rate in ("2", "5"):
+        assert any(f"video_proj.projectors.{rate}." in n for n in trained)
+    frozen = [n for n, p in task.named_parameters() if p.requires_grad and ("encoder" in n or "embed" in n)]
+    assert not frozen, f"encoders / LM weights must stay frozen: {frozen[:3]}"
+
+
+def test_sum_reduction_and_single_modality_pairs(root):
+    task, batch = build(root, matryoshka_loss="sum")
+    loss, logs = task.training_step(batch)
+    assert float(loss.detach()) == pytest.approx(sum(logs.values()), rel=1e-5)
+    audio_only, batch = build(root, video_rates=[])
+    assert list(audio_only.model.pairs) == ["a4", "a16"] and audio_only.model.video_encoder is None
+    _, logs = audio_only.training_step(batch)
+    assert set(logs) == {"loss_a4", "loss_a16"}
+    video_only, batch = build(root, audio_rates=[])
+    assert list(video_only.model.pairs) == ["v2", "v5"] and video_only.model.audio_encoder is None
+
+
+def test_layout_left_pads_and_labels_text_only(root):
+    task, batch = build(root)
+    model = task.model.eval()
+    encoded = model.encode(batch)
+    prefixes = model.av_tokens(encoded, "a16_v5")
+    texts = [[5, 6], [7], [8, 9, 10]]
+    embeds, mask, positions, labels = model.layout(prefixes, texts)
+    for i, (prefix, text) in enumerate(zip(prefixes, texts, strict=True)):
+        length = len(prefix) + len(text) + 2
+        assert mask[i].sum() == length and mask[i, -length:].all()
+        assert positions[i, -length:].tolist() == list(range(length))
+        assert labels[i][labels[i] != -100].tolist() == [*text, VocabTokenizer.EOS]
+    with torch.no_grad(), route(scale="a16_v5"):  # a padded row gives the logits it gives alone
+        logits = model.lm(inputs_embeds=embeds, attention_mask=mask, position_ids=positions).logits
+        alone = model.layout(prefixes[:1], texts[:1])
+        single = model.lm(inputs_embeds=alone[0], attention_mask=alone[1], position_ids=alone[2]).logits
+    n = single.shape[1]
+    torch.testing.assert_close(logits[0, -n:], single[0], rtol=1e-4, atol=1e-4)
+
+
+def test_cached_decoding_equals_full_recomputation(root):
+    task, batch = build(root)
+    model = task.model.eval()
+    for param in model.parameters():  # a non-trivial model: perturb what trains
+        if param.requires_grad:
+            param.data.add_(torch.randn_like(param) * 0.3)
+    encoded = model.encode(batch)
+    fast = model.transcribe(encoded, "a4_v5", max_new_tokens=5)
+    slow = []
+    with torch.no_grad(), route(scale="a4_v5"):
+        prefixes = model.av_tokens(encoded, "a4_v5")
+        for prefix in prefixes:
+            ids: list[int] = []
+            for _ in range(5):
+                embeds, mask, positions, _ = model.layout([prefix], None)
+                extra = model.lm.get_input_embeddings()(torch.tensor([ids], dtype=torch.long))
+                embeds = torch.cat([embeds, extra], 1)
+                mask = torch.ones(1, embeds.shape[1], dtype=torch.long)
+                logits = model.lm(inputs_embeds=embeds, attention_mask=mask,
+                                  position_ids=torch.arange(embeds.shape[1])[None]).logits
+                ids.append(int(logits[0, -1].argmax()))
+                if ids[-1] == VocabTokenizer.EOS:
+                    break
+            slow.append(model.tokenizer.decode(ids))
+    assert fast == slow
+
+
+def test_evaluate_reports_wer_per_pair(root, monkeypatch):
+    task, batch = build(root)
+    monkeypatch.setattr(task.model, "transcribe", lambda encoded, pair, max_new_tokens=None: (
+        batch["text"] if pair == "a4_v2" else ["wrong"] * len(batch["text"])))
+    metrics = task.evaluate([batch])
+    assert metrics["wer_a4_v2"] == 0.0 and metrics["cer_a4_v2"] == 0.0
+    assert metrics["wer_a16_v5"] > 0.5
+    assert {f"wer_{p}" for p in PAIRS} <= set(metrics) and metrics["loss"] > 0
+
+
+def test_vocab_tokenizer():
+    tok = VocabTokenizer.from_texts(["one two", "Turn left!"], "words")
+    assert tok.symbols == ["left", "one", "turn", "two"] and tok.vocab_size == 8
+    ids = tok.encode("turn two three")
+    assert ids == [6, 7, VocabTokenizer.UNK]
+    assert tok.decode([6, 7, VocabTokenizer.EOS, 4]) == "turn two"
+    chars = VocabTokenizer.from_texts(["ab"], "chars")
+    assert chars.decode(chars.encode("ba")) == "ba"
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"model": {"audio_rates": [], "video_rates": []}}, "both empty"),
+    ({"model": {"llm": {"tokenizer": "hf"}}}, "'model.llm.tokenizer' is 'hf'"),
+    ({"model": {"llm": {"path": "/x"}}}, "needs model.llm.tokenizer: hf"),
+    ({"adapters": {"mtsk": {"method": "mtsk", "strategy": "ss", "targets": ["q_proj"], "scales": ["a4_v2"]}}},
+     r"adapters.mtsk.scales \['a4_v2'\] must be the rate pairs"),
+    ({"adapters": {}}, "give 'adapters'"),
+])
+def test_recipe_validation_names_the_key(tmp_path, change, message):
+    raw = raw_recipe(tmp_path)
+    for section, values in change.items():
+        raw[section] = {**raw[section], **values} if values else {}
+    with pytest.raises(mm.ConfigError, match=message):
+        recipe_from_dict(raw, name="bad", source="bad.yaml")
+
+
+def test_recipes_load_with_their_pairs():
+    from pathlib import Path
+
+    configs = Path(__file__).resolve().parents[2] / "configs" / "avsr"
+    found = {p.stem: load_recipe(p) for p in sorted(configs.glob("*.yaml"))}
+    assert {"mtsk_ms", "mtsk_ss", "mtsk_mss", "audio_only", "video_only"} <= set(found)
+    for strategy in ("ms", "ss", "mss"):
+        assert found[f"mtsk_{strategy}"].adapters["mtsk"].strategy == strategy
+        assert list(rate_pairs(found[f"mtsk_{strategy}"].model)) == PAIRS
+    assert list(rate_pairs(found["audio_only"].model)) == ["a4", "a16"]
+    assert list(rate_pairs(found["video_only"].model)) == ["v2", "v5"]
+
+
+@pytest.mark.slow
+def test_learns_a_tiny_set(root):
+    """MSS on six tone utterances: the averaged loss falls well below its start within 60 steps."""
+    task, batch = build(root)
+    params = [p for p in task.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=1e-2)
+    first = None
+    for _ in range(60):
+        loss, _ = task.training_step(batch)
+        first = first if first is not None else float(loss)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    assert float(loss) < 0.3 * first
+
+
+@pytest.mark.slow
+def test_train_then_eval_command(root, tmp_path, capsys):
+    """`mmtune train` on a tiny recipe, then `mmtune eval` prints WER per rate pair, clean and noisy."""
+    import yaml
+
+    from train.cli import main
+
+    raw = raw_recipe(root)
+    raw["train"]["out_dir"] = str(tmp_path / "run")
+    path = tmp_path / "tiny_mtsk.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    assert main(["train", "--config", str(path)]) == 0
+    assert (tmp_path / "run" / "adapters.safetensors").is_file()
+    capsys.readouterr()
+    assert main(["eval", "--config", str(path), "--snr", "0"]) == 0
+    out = capsys.readouterr().out
+    assert "| rate pair | WER clean | WER 0 dB |" in out
+    for pair in PAIRS:
+        assert f"| {pair} |" in out
