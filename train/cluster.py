@@ -33,6 +33,9 @@ class ClusterDataConfig:
                                                     f"{FASHION_MNIST_DIR})."})
     split: str = field(default="test", metadata={"help": "Fashion-MNIST (train/test) or M3LEO split."})
     limit: int | None = field(default=None, metadata={"help": "Use this many samples (class-stratified)."})
+    max_shift: int = field(default=1, metadata={"help": "Images: MLC's init augmentation shifts up to this many px."})
+    flip: bool = field(default=False, metadata={"help": "Images: the augmentation also mirrors left-right "
+                                                      "(clothes: yes; digits: no)."})
     m3leo: dict[str, Any] = field(default_factory=dict, metadata={
         "help": "M3LEO data keys (data.fake_geotiff.EODataConfig: split_file or fake_chips, modalities, ...)."})
 
@@ -145,12 +148,17 @@ def m3leo_features(config: Any, split: str) -> tuple[np.ndarray, np.ndarray]:
     return np.stack(rows), np.asarray(labels)
 
 
-def image_shift_augment(shape: tuple[int, int], max_shift: int = 1, noise: float = 0.05) -> Callable:
-    """Augment flattened images: a random translation by up to ``max_shift`` pixels, plus Gaussian noise."""
+def image_shift_augment(shape: tuple[int, int], max_shift: int = 1, noise: float = 0.05,
+                        flip: bool = False) -> Callable:
+    """Augment flattened images: a random translation by up to ``max_shift`` pixels, optionally a left-right
+    mirror of a random half of the batch, plus Gaussian noise."""
     import torch
 
     def augment(x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
         images = x.reshape(len(x), *shape)
+        if flip:
+            mirror = torch.rand(len(x), generator=generator) < 0.5
+            images = torch.where(mirror[:, None, None], images.flip(-1), images)
         padded = torch.nn.functional.pad(images, (max_shift,) * 4)
         dy, dx = torch.randint(0, 2 * max_shift + 1, (2,), generator=generator).tolist()
         shifted = padded[:, dy : dy + shape[0], dx : dx + shape[1]].reshape(len(x), -1)
@@ -181,7 +189,8 @@ def cluster_once(method: str, x: np.ndarray, k: int, seed: int, recipe: ClusterR
         from heads.mlc import MLC
 
         config = dataclasses.replace(recipe.mlc, num_clusters=k, seed=seed)
-        augment = image_shift_augment(image_shape) if image_shape else None
+        data = recipe.data
+        augment = image_shift_augment(image_shape, data.max_shift, flip=data.flip) if image_shape else None
         model = MLC(x.shape[1], config).fit(torch.from_numpy(x), augment=augment)
         return model.predict(torch.from_numpy(x))
     raise ConfigError(f"cluster: unknown method {method!r}; known: {', '.join(METHODS)}")
