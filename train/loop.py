@@ -101,11 +101,23 @@ def batch_stream(dataset: Sequence, collate, batch_size: int, rank: int, world: 
         index += 1
 
 
-def eval_batches(dataset: Sequence, collate, batch_size: int, device) -> Iterator[Any]:
-    from accelerate.utils import send_to_device
+def to_device(batch: Any, device, float_dtype: torch.dtype | None = None) -> Any:
+    """``batch`` on ``device``; floating tensors also cast to ``float_dtype`` when given (DeepSpeed's bf16
+    mode keeps the model's weights in bf16 and, unlike torch autocast, casts no inputs itself)."""
+    if isinstance(batch, torch.Tensor):
+        batch = batch.to(device, non_blocking=True)
+        return batch.to(float_dtype) if float_dtype is not None and batch.is_floating_point() else batch
+    if isinstance(batch, dict):
+        return {k: to_device(v, device, float_dtype) for k, v in batch.items()}
+    if isinstance(batch, list | tuple):
+        return type(batch)(to_device(v, device, float_dtype) for v in batch)
+    return batch
 
+
+def eval_batches(dataset: Sequence, collate, batch_size: int, device, float_dtype=None) -> Iterator[Any]:
     for start in range(0, len(dataset), batch_size):
-        yield send_to_device(collate([dataset[i] for i in range(start, min(start + batch_size, len(dataset)))]), device)
+        samples = [dataset[i] for i in range(start, min(start + batch_size, len(dataset)))]
+        yield to_device(collate(samples), device, float_dtype)
 
 
 def train(recipe: Recipe, say=print) -> RunResult:
@@ -151,6 +163,8 @@ class Trainer:
                                    accelerator.process_index, accelerator.num_processes, recipe.seed,
                                    start=self.state.micro_batches)
         self.samples_per_step = t.batch_size * t.grad_accum * accelerator.num_processes
+        bf16_weights = is_deepspeed(accelerator) and t.precision == "bf16"
+        self.input_dtype = torch.bfloat16 if bf16_weights else None
         self.step_times: list[float] = []
 
     def run(self) -> RunResult:
@@ -183,14 +197,12 @@ class Trainer:
     def optimizer_step(self) -> tuple[float, float | None, dict[str, float]]:
         """``grad_accum`` micro-batches, then one update. Returns the mean loss (over micro-batches and
         ranks), the gradient norm, and the mean of the task's own logs (this rank's micro-batches)."""
-        from accelerate.utils import send_to_device
-
         accelerator, t, state = self.accelerator, self.t, self.state
         window_start, losses, dropped, grad_norm, logs = state.micro_batches, [], False, None, []
         for _ in range(t.grad_accum):
             index, batch = next(self.stream)
             with accelerator.accumulate(self.model):
-                loss, step_logs = self.model(send_to_device(batch, accelerator.device))
+                loss, step_logs = self.model(to_device(batch, accelerator.device, self.input_dtype))
                 logs.append(step_logs)
                 value = float(accelerator.reduce(loss.detach().float(), "mean"))  # the same on every rank
                 if not math.isfinite(value):
@@ -223,7 +235,8 @@ class Trainer:
         if self.eval_data is None:
             return {}
         self.task.eval()
-        batches = eval_batches(self.eval_data, self.task.collate, self.t.batch_size, self.accelerator.device)
+        batches = eval_batches(self.eval_data, self.task.collate, self.t.batch_size, self.accelerator.device,
+                               self.input_dtype)
         with torch.no_grad(), self.accelerator.autocast():
             metrics = self.task.evaluate(batches)
         self.task.train()
@@ -294,6 +307,10 @@ def resume_path(recipe: Recipe, ckpt_root: Path) -> Path | None:
     """The checkpoint ``train.resume`` asks for: 'none', 'auto' (newest complete, if any) or a folder."""
     resume = recipe.train.resume
     if resume == "none":
+        earlier = latest_checkpoint(ckpt_root)
+        if earlier is not None:  # a fresh run would interleave its checkpoints with the old ones
+            raise ConfigError(f"{recipe.source}: {recipe.out_dir} holds checkpoints of an earlier run (newest "
+                              f"{earlier.name}); continue it with train.resume=auto, or pick another train.out_dir")
         return None
     if resume == "auto":
         return latest_checkpoint(ckpt_root)

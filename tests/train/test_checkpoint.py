@@ -82,6 +82,14 @@ def _arm_failure(monkeypatch, fail_at: str) -> None:
                             lambda src, dst: boom() if Path(dst).name.startswith("step-") else real_replace(src, dst))
 
 
+def test_a_fresh_run_refuses_a_folder_with_checkpoints(tmp_path):
+    from mm.config import ConfigError
+
+    train(digits_recipe(tmp_path / "run", "train.max_steps=2"))
+    with pytest.raises(ConfigError, match=r"earlier run .*step-00000002.*train.resume=auto"):
+        train(digits_recipe(tmp_path / "run", "train.max_steps=2"))
+
+
 def test_rng_states_round_trip():
     state = checkpoint._rng_state()
     draws = (random.random(), np.random.rand(), torch.rand(3))
