@@ -8,8 +8,12 @@ q,k,v,o,gate,up,down. Measured in one run, timed in interleaved rounds (see benc
 - mmtune and PEFT: forward alone (no_grad), training step (forward, backward, AdamW step), peak RSS
   growth of a training step (each in a fresh process), trainable parameters.
 
-    .venv/bin/python scripts/bench_lora.py             # full size, about 3 minutes on 2 cores
+    .venv/bin/python scripts/bench_lora.py             # full size, wall clock: 3-13 minutes on 2 cores
+    .venv/bin/python scripts/bench_lora.py --threads 1 --clock cpu   # steadier on a shared machine
     .venv/bin/python scripts/bench_lora.py --quick     # tiny model: a smoke test of the script
+
+On an oversubscribed machine two torch threads spend much of the wall time waiting for each other, so
+wall-clock figures swing by tens of percent; one thread timed in process CPU seconds is far steadier.
 """
 
 from __future__ import annotations
