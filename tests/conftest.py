@@ -3,8 +3,9 @@ from pathlib import Path
 
 import pytest
 
-# Tests import the toys and shared cases as plain modules.
+# Tests import shared helpers as plain modules: the toys and contract cases here, train_helpers in train/.
 sys.path.insert(0, str(Path(__file__).parent))
+sys.path.insert(0, str(Path(__file__).parent / "train"))
 
 from toys import TOYS, Toy  # noqa: E402
 
