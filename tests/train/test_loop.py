@@ -83,6 +83,25 @@ def test_gradient_accumulation_equals_the_larger_batch(tmp_path):
     assert all(torch.allclose(a[k], b[k], atol=1e-5) for k in a)
 
 
+@pytest.mark.parametrize("clip_norm", [1e-3, None])
+def test_clipping_bounds_the_update(tmp_path, clip_norm):
+    # Plain SGD with lr 1 moves the weights by exactly the (clipped) gradient: its norm is the bound.
+    recipe = digits_recipe(tmp_path / "run", "train.max_steps=1", "optim.name=sgd", "optim.lr=1.0",
+                           "optim.warmup_steps=0", "optim.schedule=constant", f"train.clip_norm={clip_norm or 'null'}")
+    start = {n: p.detach().clone() for n, p in DigitsClassification(recipe).named_parameters() if p.requires_grad}
+    train(recipe)
+    from train.checkpoint import load_trainable
+
+    trained = DigitsClassification(recipe)
+    load_trainable(trained, tmp_path / "run")
+    moved = torch.sqrt(sum((p.detach() - start[n]).square().sum() for n, p in trained.named_parameters()
+                           if p.requires_grad))
+    if clip_norm is None:
+        assert moved > 1e-2
+    else:
+        assert moved == pytest.approx(clip_norm, rel=1e-3)
+
+
 def _nan_at_call(monkeypatch, call: int) -> None:
     original, calls = DigitsClassification.training_step, {"n": 0}
 
