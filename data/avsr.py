@@ -3,11 +3,12 @@
     <root>/<split>/<speaker>/<utterance>.wav   audio (any rate soundfile reads; resampled to 16 kHz)
     <root>/<split>/<speaker>/<utterance>.npy   mouth-crop frames (T, H, W) or (T, H, W, 3), uint8 or [0, 1]
                                   (or .mp4)    ... or a video file (needs PyAV, see below)
-    <root>/<split>/<speaker>/<utterance>.txt   transcript: the file, or LRS3's "Text: ..." line
+    <root>/<split>/<speaker>/<utterance>.txt   transcript: the file, or LRS3's "Text: ..." line (and its
+                                               word timings table, returned as "words" when present)
 
 Samples are dicts ``{"id", "audio" (S,) float32 at 16 kHz, "video" (T, crop, crop) grey levels in [0, 1]
-at ``fps``, "text"}``. Video is resized to the fixed mouth-crop size and resampled in time to ``fps``
-(nearest frame). The dataset checks every utterance when it is built: missing, empty or unreadable files,
+at ``fps``, "text", "words" [(word, start s, end s), ...] or []}``. Video is resized to the fixed
+mouth-crop size and resampled in time to ``fps`` (nearest frame). The dataset checks every utterance when it is built: missing, empty or unreadable files,
 an empty transcript, and audio and video whose durations differ by more than ``max_av_mismatch_s`` are
 errors naming the file, or, with ``on_error: skip``, are left out and counted in ``skipped``.
 
@@ -69,6 +70,25 @@ def read_transcript(path: Path) -> str:
         if line.startswith("Text:"):
             return " ".join(line[len("Text:"):].split())
     return " ".join(text.split())
+
+
+def read_word_timings(path: Path) -> list[tuple[str, float, float]]:
+    """LRS3's word alignment table ("WORD START END ASDSCORE" then one line per word); [] if absent."""
+    lines = path.read_text(encoding="utf-8").splitlines()
+    try:
+        first = next(i for i, line in enumerate(lines) if line.split()[:3] == ["WORD", "START", "END"])
+    except StopIteration:
+        return []
+    words = []
+    for number, line in enumerate(lines[first + 1:], start=first + 2):
+        parts = line.split()
+        if not parts:
+            continue
+        try:
+            words.append((parts[0], float(parts[1]), float(parts[2])))
+        except (IndexError, ValueError):
+            raise AVSRDataError(f"{path}: line {number}: expected 'WORD START END ...', got {line!r}") from None
+    return words
 
 
 def read_audio(path: Path) -> np.ndarray:
@@ -246,6 +266,7 @@ class AVSRDataset(torch.utils.data.Dataset):
         frames, fps = read_frames(utt.video, config.frames_fps)
         check_frames_shape(utt.video, frames.shape)
         return {"id": utt.id, "audio": torch.from_numpy(audio), "text": read_transcript(utt.transcript),
+                "words": read_word_timings(utt.transcript),
                 "video": normalise_video(frames, fps, config.fps, config.crop_size)}
 
 
@@ -259,4 +280,5 @@ def collate_avsr(samples: list[dict[str, Any]]) -> dict[str, Any]:
         audio[i, : len(sample["audio"])] = sample["audio"]
         video[i, : len(sample["video"])] = sample["video"]
     return {"audio": audio, "audio_lengths": audio_lengths, "video": video, "video_lengths": video_lengths,
-            "text": [s["text"] for s in samples], "id": [s["id"] for s in samples]}
+            "text": [s["text"] for s in samples], "id": [s["id"] for s in samples],
+            "words": [s.get("words", []) for s in samples]}

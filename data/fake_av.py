@@ -3,11 +3,13 @@
 Sentences are digit strings ("three one four") and short commands ("turn left"). Speech comes from
 espeak-ng with varied voices, rates and pitches (22,050 Hz WAVs, so the dataset's resampling is used), or,
 with ``engine="tones"``, from pure numpy: each word a fixed pair of harmonic "syllables" (for unit tests
-where the speech content does not matter, and where espeak-ng is not installed). The mouth-region frames
-are rendered at 25 fps: lips (an ellipse) whose opening follows the audio's loudness envelope, with head
-jitter and pixel noise. Optional white noise at a given SNR is added to the written audio.
+where the speech content does not matter). Words are rendered one at a time and joined with random
+pauses, so each word's time span is known: transcripts are written in LRS3's layout, text plus a
+``WORD START END ASDSCORE`` table. The mouth-region frames are rendered at 25 fps: lips (an ellipse) whose
+opening follows the audio's loudness envelope, with head jitter and pixel noise. Optional white noise at
+a given SNR is added to the written audio.
 
-    make_fake_avsr("/tmp/av", {"train": 40, "test": 10}, engine="espeak", seed=0)
+    make_fake_avsr("/tmp/av", FakeAVConfig(splits={"train": 40, "test": 10}, engine="espeak", seed=0))
 """
 
 from __future__ import annotations
@@ -87,20 +89,47 @@ def speak_espeak(text: str, voice: str, words_per_minute: int, pitch: int) -> tu
     return audio, rate
 
 
-def speak_tones(text: str, rng: np.random.Generator) -> tuple[np.ndarray, int]:
-    """Numpy "speech": each word two harmonic syllables at word-specific pitches, with pauses between."""
-    pieces = [np.zeros(int(0.1 * TONE_RATE), np.float32)]
-    speed = rng.uniform(0.85, 1.15)
-    for word in text.split():
-        word_rng = np.random.default_rng(zlib.crc32(word.encode()))
-        for f0 in word_rng.uniform(110, 260, 2):
-            n = int(0.12 * speed * TONE_RATE)
-            t = np.arange(n) / TONE_RATE
-            wave = sum(np.sin(2 * np.pi * f0 * k * t) / k for k in (1, 2, 3))
-            pieces.append((0.3 * np.hanning(n) * wave).astype(np.float32))
-        pieces.append(np.zeros(int(0.06 * speed * TONE_RATE), np.float32))
-    pieces.append(np.zeros(int(0.1 * TONE_RATE), np.float32))
-    return np.concatenate(pieces), TONE_RATE
+def tone_word(word: str, speed: float) -> np.ndarray:
+    """Numpy "speech" for one word: two harmonic syllables at pitches fixed by the word."""
+    word_rng = np.random.default_rng(zlib.crc32(word.encode()))
+    pieces = []
+    for f0 in word_rng.uniform(110, 260, 2):
+        n = int(0.12 * speed * TONE_RATE)
+        t = np.arange(n) / TONE_RATE
+        wave = sum(np.sin(2 * np.pi * f0 * k * t) / k for k in (1, 2, 3))
+        pieces.append((0.3 * np.hanning(n) * wave).astype(np.float32))
+    return np.concatenate(pieces)
+
+
+def trim_silence(audio: np.ndarray, threshold: float = 0.02) -> np.ndarray:
+    """``audio`` without its leading and trailing samples quieter than ``threshold`` x its peak."""
+    loud = np.flatnonzero(np.abs(audio) > threshold * max(float(np.abs(audio).max()), 1e-8))
+    return audio[loud[0]: loud[-1] + 1] if loud.size else audio
+
+
+def speak(words: list[str], config: FakeAVConfig, rng: np.random.Generator,
+          voice: str = "en-us") -> tuple[np.ndarray, int, list]:
+    """A sentence rendered word by word (so each word's time span is known), with random pauses between.
+
+    Returns float32 mono audio, its sample rate and ``[(word, start_s, end_s), ...]``.
+    """
+    if config.engine == "espeak":
+        wpm, pitch = int(rng.integers(130, 190)), int(rng.integers(30, 71))
+        rendered = [speak_espeak(w, voice, wpm, pitch) for w in words]
+        rate = rendered[0][1]
+        clips = [trim_silence(audio) for audio, _ in rendered]
+    else:
+        speed, rate = rng.uniform(0.85, 1.15), TONE_RATE
+        clips = [tone_word(w, speed) for w in words]
+    pieces, spans, cursor = [], [], 0
+    for i, (word, clip) in enumerate(zip(words, clips, strict=True)):
+        pause = np.zeros(int((rng.uniform(0.08, 0.2) if i == 0 else rng.uniform(0.03, 0.12)) * rate), np.float32)
+        pieces += [pause, clip.astype(np.float32)]
+        cursor += len(pause)
+        spans.append((word, cursor / rate, (cursor + len(clip)) / rate))
+        cursor += len(clip)
+    pieces.append(np.zeros(int(rng.uniform(0.08, 0.2) * rate), np.float32))
+    return np.concatenate(pieces), rate, spans
 
 
 def loudness_envelope(audio: np.ndarray, rate: int, frames: int) -> np.ndarray:
@@ -129,12 +158,20 @@ def render_mouth(opening: np.ndarray, size: int, rng: np.random.Generator) -> np
     return (np.clip(frames, 0, 1) * 255).round().astype(np.uint8)
 
 
-def write_utterance(folder: Path, name: str, text: str, audio: np.ndarray, rate: int, frames: np.ndarray) -> None:
+def lrs3_transcript(spans: list[tuple[str, float, float]]) -> str:
+    """LRS3's transcript layout: the text, then one line per word with its start and end in seconds."""
+    lines = ["Text:  " + " ".join(w for w, _, _ in spans), "Conf:  5", "", "WORD START END ASDSCORE"]
+    lines += [f"{w} {start:.3f} {end:.3f} 5.0" for w, start, end in spans]
+    return "\n".join(lines) + "\n"
+
+
+def write_utterance(folder: Path, name: str, transcript: str, audio: np.ndarray, rate: int,
+                    frames: np.ndarray) -> None:
     import soundfile
 
     folder.mkdir(parents=True, exist_ok=True)
     atomic_write(folder / f"{name}.wav", lambda tmp: soundfile.write(tmp, audio, rate, format="WAV", subtype="PCM_16"))
-    atomic_write(folder / f"{name}.txt", lambda tmp: Path(tmp).write_text(text + "\n"))
+    atomic_write(folder / f"{name}.txt", lambda tmp: Path(tmp).write_text(transcript))
 
     def save_frames(tmp: str) -> None:
         with open(tmp, "wb") as handle:
@@ -157,18 +194,15 @@ def make_fake_avsr(root: str | Path, config: FakeAVConfig, fps: float = 25.0) ->
     for split_index, (split, count) in enumerate(sorted(config.splits.items())):
         rng = np.random.default_rng([config.seed, split_index, zlib.crc32(split.encode())])
         for i in range(count):
-            text = sentence(rng, config)
-            voice = int(rng.integers(len(VOICES)))
-            if config.engine == "espeak":
-                audio, rate = speak_espeak(text, VOICES[voice], int(rng.integers(130, 190)), int(rng.integers(30, 71)))
-            else:
-                audio, rate = speak_tones(text, rng)
+            speaker = int(rng.integers(len(VOICES)))
+            audio, rate, spans = speak(sentence(rng, config).split(), config, rng, VOICES[speaker])
             if config.snr_db is not None:
                 audio = add_noise(audio, config.snr_db, rng)
             peak = float(np.abs(audio).max())
             audio = audio * (0.9 / peak) if peak > 0.9 else audio  # PCM_16 must not clip
             count_frames = max(1, round(len(audio) / rate * fps))
             frames = render_mouth(loudness_envelope(audio, rate, count_frames), config.crop_size, rng)
-            write_utterance(root / split / f"spk{voice}", f"{split}_{i:05d}", text, audio, rate, frames)
+            write_utterance(root / split / f"spk{speaker}", f"{split}_{i:05d}", lrs3_transcript(spans), audio, rate,
+                            frames)
     atomic_write(manifest, lambda tmp: Path(tmp).write_text(json.dumps(wanted)))
     return root

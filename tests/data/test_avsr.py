@@ -15,6 +15,7 @@ from data.avsr import (
     collate_avsr,
     normalise_video,
     read_transcript,
+    read_word_timings,
 )
 from data.fake_av import (
     COMMANDS,
@@ -23,7 +24,7 @@ from data.fake_av import (
     loudness_envelope,
     make_fake_avsr,
     render_mouth,
-    speak_tones,
+    speak,
 )
 
 
@@ -66,10 +67,29 @@ def test_video_colour_and_frame_rate_are_normalised():
 
 def test_lrs3_transcript_format(tmp_path):
     path = tmp_path / "t.txt"
-    path.write_text("Text:  THE QUICK  FOX\nConf:  5\n\nWORD START END ASDSCORE\nTHE 0.1 0.2 3.1\n")
+    path.write_text("Text:  THE QUICK  FOX\nConf:  5\n\nWORD START END ASDSCORE\nTHE 0.1 0.2 3.1\n"
+                    "QUICK 0.25 0.5 2.0\n")
     assert read_transcript(path) == "THE QUICK FOX"
+    assert read_word_timings(path) == [("THE", 0.1, 0.2), ("QUICK", 0.25, 0.5)]
     path.write_text("  plain   words\n")
-    assert read_transcript(path) == "plain words"
+    assert read_transcript(path) == "plain words" and read_word_timings(path) == []
+    path.write_text("Text: A\n\nWORD START END ASDSCORE\nA zero 0.2 1.0\n")
+    with pytest.raises(AVSRDataError, match=r"t.txt: line 4: expected 'WORD START END"):
+        read_word_timings(path)
+
+
+@pytest.mark.parametrize("engine", ["tones", "espeak"])
+def test_word_spans_cover_the_spoken_words(engine):
+    """Words are rendered one by one: the loud audio lies inside the returned spans, the pauses are quiet."""
+    audio, rate, spans = speak(["seven", "two", "lights"], FakeAVConfig(engine=engine), np.random.default_rng(3))
+    assert [w for w, _, _ in spans] == ["seven", "two", "lights"]
+    inside = np.zeros(len(audio), bool)
+    for _, start, end in spans:
+        assert 0 < start < end <= len(audio) / rate
+        inside[int(start * rate): int(end * rate)] = True
+    energy = audio.astype(np.float64) ** 2
+    assert energy[~inside].sum() < 0.01 * energy[inside].sum()
+    assert all(b[1] >= a[2] for a, b in zip(spans, spans[1:], strict=False))  # in order, not overlapping
 
 
 @pytest.mark.parametrize("damage, message", [
@@ -138,12 +158,13 @@ def test_tone_fake_set_and_mouth_follows_loudness(tmp_path):
     assert len(ds) == 4 and len(AVSRDataset(AVSRDataConfig(root=str(root), crop_size=32), "test")) == 2
     sample = ds[0]
     assert abs(len(sample["audio"]) / 16_000 - len(sample["video"]) / 25) < 0.05
+    assert [w for w, _, _ in sample["words"]] == sample["text"].split()
     assert sample["text"] in COMMANDS or all(w in DIGITS for w in sample["text"].split())
     # Again with the same settings: nothing is rewritten.
     stamp = (root / "fake_av.json").stat().st_mtime_ns
     make_fake_avsr(root, FakeAVConfig(splits={"train": 4, "test": 2}, engine="tones"))
     assert (root / "fake_av.json").stat().st_mtime_ns == stamp
-    audio, rate = speak_tones("one two three", np.random.default_rng(0))
+    audio, rate, _ = speak("one two three".split(), FakeAVConfig(engine="tones"), np.random.default_rng(0))
     opening = loudness_envelope(audio, rate, 40)
     frames = render_mouth(opening, 32, np.random.default_rng(0))
     dark = (frames < 60).sum(axis=(1, 2))
