@@ -2,13 +2,15 @@
 
 Each run must keep identical trainable parameters on both ranks, save a non-empty adapter that loads
 into a fresh model (under ZeRO-3 each rank alone holds shape-[0] shards: the save must gather them),
-and follow the single-process run on the same global batch.
+and follow the single-process run on the same global batch. The ZeRO-3 run also resumes from a
+checkpoint and repeats its own losses.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 
 import pytest
@@ -44,8 +46,7 @@ def test_two_processes_agree_and_save_a_loadable_adapter(case, single_process, t
     env = {k: v for k, v in os.environ.items() if k != "ACCELERATE_USE_CPU"}
     command = ["bash", str(ROOT / "scripts" / launcher), "configs/tiny/digits_lora.yaml", "2", mode,
                *FAST, *RUN, "train.batch_size=16", f"train.out_dir={out_dir}"]
-    proc = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+    _run(command, env)
 
     summary = json.loads((out_dir / "summary.json").read_text())
     assert summary["processes"] == 2 and summary["setup"] == setup and summary["step"] == STEPS
@@ -69,3 +70,17 @@ def test_two_processes_agree_and_save_a_loadable_adapter(case, single_process, t
         assert loss == pytest.approx(single_process.losses[step], abs=1e-4), step
     reference = load_file(single_process.out_dir / "adapters.safetensors")
     assert all(torch.allclose(tensors[k], reference[k], atol=1e-4) for k in reference)
+
+    if case == "zero3":  # resume from the step-4 checkpoint: DeepSpeed's sharded optimizer state reloads
+        shutil.rmtree(out_dir / "checkpoints" / f"step-{STEPS:08d}")
+        _run([*command, "train.resume=auto"], env)
+        resumed = json.loads((out_dir / "summary.json").read_text())
+        assert resumed["resumed_from"].endswith("step-00000004")
+        again = csv_losses(out_dir)
+        assert sorted(again) == list(range(1, STEPS + 1))
+        assert all(abs(again[s] - losses[s]) <= 1e-6 for s in losses), (again, losses)
+
+
+def _run(command: list[str], env: dict[str, str]) -> None:
+    proc = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
