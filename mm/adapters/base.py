@@ -98,7 +98,7 @@ def add_matmul_(out: torch.Tensor, h: torch.Tensor, weight: torch.Tensor) -> tor
     use the returned tensor.
     """
     if not _fast_path(out, h, weight):
-        return out + torch.nn.functional.linear(h.to(out.dtype), weight.to(out.dtype))
+        return out + torch.nn.functional.linear(h, weight).to(out.dtype)
     if torch.is_grad_enabled() and (out.requires_grad or h.requires_grad or weight.requires_grad):
         return _AddMatmul.apply(out, h, weight)
     out.view(-1, out.shape[-1]).addmm_(h.reshape(-1, h.shape[-1]), weight.t())
