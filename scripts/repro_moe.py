@@ -17,7 +17,7 @@ Reported: test accuracy per task, mean and standard deviation over 3 seeds, and 
 routing purity (how well a token's top-1 expert tells its task: 0.5 = no task separation, 1 = experts
 split by task; last block, test set).
 
-    .venv/bin/python scripts/repro_moe.py            # about 2-3 minutes on 2 CPU cores
+    .venv/bin/python scripts/repro_moe.py            # about 150 s of CPU time (one thread)
     .venv/bin/python scripts/repro_moe.py --quick    # seconds: a smoke test of the script
 """
 
@@ -49,7 +49,7 @@ METHODS = {
                                                       scale_by_gate=False),
     "MixLoRA 4x r=2 top-2": lambda: MixLoRAConfig(targets=MLP, r=2, alpha=4.0, num_experts=4, top_k=2),
 }
-FULL = {"pretrain_epochs": 8, "epochs": 12, "seeds": 3, "hidden": 64, "batch": 64, "images": None}
+FULL = {"pretrain_epochs": 6, "epochs": 8, "seeds": 3, "hidden": 64, "batch": 64, "images": None}
 QUICK = {"pretrain_epochs": 1, "epochs": 1, "seeds": 2, "hidden": 16, "batch": 128, "images": 160}
 
 
