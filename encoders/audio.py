@@ -1,8 +1,8 @@
 """Audio encoder: Whisper's encoder (transformers) over Whisper log-mel features.
 
 ``build_audio_encoder(config)`` loads a Whisper checkpoint by hub name or local folder (any of
-``WhisperModel`` / ``WhisperForConditionalGeneration``; only the encoder is kept), or builds a tiny random
-one from the config's sizes for tests and CPU demos. Features are computed here, in torch, exactly as
+``WhisperModel`` / ``WhisperForConditionalGeneration``; only the encoder is kept), or builds a tiny one
+from the config's sizes for tests and CPU demos (random, or from a local safetensors ``checkpoint``). Features are computed here, in torch, exactly as
 ``WhisperFeatureExtractor`` computes them (checked by a test): 16 kHz audio, 25 ms Hann windows every
 10 ms, Slaney mel filters to 8 kHz, log10, floor at max - 8, then (x + 4) / 4.
 
@@ -34,6 +34,9 @@ class AudioEncoderConfig:
     name: str | None = field(
         default=None, metadata={"help": "Whisper hub name or local folder (null: a tiny random encoder from "
                                         "the sizes below). Offline machines need a local folder."})
+    checkpoint: str | None = field(
+        default=None, metadata={"help": "Local safetensors state dict for the encoder built from the sizes "
+                                        "below (e.g. the tiny encoder scripts/repro_avsr.py pretrains)."})
     num_mel_bins: int = field(default=80, metadata={"help": "Tiny encoder: mel bins (Whisper: 80, large-v3: 128)."})
     d_model: int = field(default=64, metadata={"help": "Tiny encoder: width."})
     layers: int = field(default=2, metadata={"help": "Tiny encoder: layers."})
@@ -114,12 +117,22 @@ def tiny_whisper_config(config: AudioEncoderConfig):
 
 
 def build_audio_encoder(config: AudioEncoderConfig) -> WhisperAudioEncoder:
-    """A Whisper encoder from ``config.name`` (hub name or local folder) or tiny and random (seeded by the
-    caller's torch RNG)."""
+    """A Whisper encoder from ``config.name`` (hub name or local folder), or tiny from the sizes: random
+    (seeded by the caller's torch RNG) or loaded from ``config.checkpoint``."""
     from transformers.models.whisper.modeling_whisper import WhisperEncoder, WhisperModel
 
     if config.name is None:
-        return WhisperAudioEncoder(WhisperEncoder(tiny_whisper_config(config)).eval())
+        encoder = WhisperAudioEncoder(WhisperEncoder(tiny_whisper_config(config)))
+        if config.checkpoint:
+            from safetensors.torch import load_file
+
+            try:
+                encoder.load_state_dict(load_file(config.checkpoint))
+            except RuntimeError as err:
+                raise ValueError(f"{config.checkpoint}: does not fit the audio encoder sizes of the config ({err})") from None
+        return encoder.eval()
+    if config.checkpoint:
+        raise ValueError("audio encoder: give 'name' (a Whisper model) or 'checkpoint' (a tiny encoder's state dict), not both")
     try:
         model = WhisperModel.from_pretrained(config.name, dtype=torch.float32)
     except OSError as err:

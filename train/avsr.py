@@ -59,6 +59,9 @@ class AVSRTask(AdapterTask):
             raise mm.ConfigError(f"{source}: key 'model.llm.tokenizer' is 'hf' but 'model.llm.path' is empty")
         if cfg.llm.path and cfg.llm.tokenizer != "hf":
             raise mm.ConfigError(f"{source}: a pretrained LM (model.llm.path) needs model.llm.tokenizer: hf")
+        if cfg.audio.name and cfg.audio.checkpoint:
+            raise mm.ConfigError(f"{source}: give 'model.audio.name' (a Whisper model) or 'model.audio.checkpoint' "
+                                 "(a tiny encoder's state dict), not both")
         if not recipe.data.root:
             raise mm.ConfigError(f"{source}: key 'data.root' is empty")
         if not recipe.adapters:

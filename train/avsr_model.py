@@ -263,5 +263,9 @@ def build_lm(config: LLMConfig, vocab_size: int | None) -> nn.Module:
     if config.checkpoint:
         from safetensors.torch import load_file
 
-        lm.load_state_dict(load_file(config.checkpoint))
+        try:
+            lm.load_state_dict(load_file(config.checkpoint))
+        except RuntimeError as err:
+            raise ValueError(f"{config.checkpoint}: does not fit the tiny LM (sizes, or a vocabulary of "
+                             f"{vocab_size} built from other transcripts): {err}") from None
     return lm

@@ -83,3 +83,23 @@ def test_loads_a_whisper_checkpoint_from_a_local_folder(tmp_path):
 def test_unloadable_name_says_what_to_give(tmp_path):
     with pytest.raises(OSError, match="local folder holding config.json"):
         build_audio_encoder(AudioEncoderConfig(name=str(tmp_path / "missing")))
+
+
+def test_tiny_encoder_checkpoint(tmp_path):
+    from safetensors.torch import save_file
+
+    torch.manual_seed(2)
+    config = AudioEncoderConfig(window_seconds=1.0, d_model=32, layers=1, ffn_dim=64)
+    encoder = build_audio_encoder(config)
+    save_file(encoder.state_dict(), str(tmp_path / "enc.safetensors"))
+    torch.manual_seed(3)
+    loaded = build_audio_encoder(AudioEncoderConfig(window_seconds=1.0, d_model=32, layers=1, ffn_dim=64,
+                                                    checkpoint=str(tmp_path / "enc.safetensors")))
+    wave = torch.from_numpy(speechlike(0.6))[None]
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(wave, torch.tensor([wave.shape[1]]))[0],
+                                   encoder(wave, torch.tensor([wave.shape[1]]))[0])
+    with pytest.raises(ValueError, match="enc.safetensors: does not fit"):
+        build_audio_encoder(AudioEncoderConfig(window_seconds=1.0, d_model=64, checkpoint=str(tmp_path / "enc.safetensors")))
+    with pytest.raises(ValueError, match="not both"):
+        build_audio_encoder(AudioEncoderConfig(name="x", checkpoint=str(tmp_path / "enc.safetensors")))
