@@ -235,7 +235,7 @@ def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--steps", type=int, default=300, help="optimiser steps per AVSR model")
-    parser.add_argument("--audio-steps", type=int, default=300, help="audio encoder pretraining steps")
+    parser.add_argument("--audio-steps", type=int, default=600, help="audio encoder pretraining steps")
     parser.add_argument("--video-steps", type=int, default=150, help="lip front end pretraining steps")
     parser.add_argument("--lm-steps", type=int, default=300, help="text-only pretraining steps of the tiny LM")
     parser.add_argument("--train", type=int, default=400, help="synthetic training utterances")

@@ -229,3 +229,17 @@ def test_train_then_eval_command(root, tmp_path, capsys):
     assert "| rate pair | WER clean | WER 0 dB |" in out
     for pair in PAIRS:
         assert f"| {pair} |" in out
+
+
+def test_eval_command_table_and_errors(tmp_path):
+    from train.commands.eval import evaluate_run, format_results
+
+    results = {"clean": {"loss": 1.0, "wer_a4_v2": 0.25, "cer_a4_v2": 0.1},
+               "0 dB": {"loss": 1.2, "wer_a4_v2": 0.5, "cer_a4_v2": 0.2}}
+    assert format_results(results).splitlines() == [
+        "| rate pair | WER clean | WER 0 dB | CER clean | CER 0 dB |", "|---|---|---|---|---|",
+        "| a4_v2 | 25.0 | 50.0 | 10.0 | 20.0 |"]
+    assert format_results({"clean": {"accuracy": 0.5}}) == "clean: accuracy=0.5000"
+    recipe = recipe_from_dict(raw_recipe(tmp_path), name="t", source="test")
+    with pytest.raises(FileNotFoundError, match="not a finished run"):
+        evaluate_run(recipe, tmp_path / "nothing", [], 4)
