@@ -159,3 +159,34 @@ def add_low_rank_(out: torch.Tensor, x: torch.Tensor, a: torch.Tensor, b: torch.
         h.mul_(scaling)
     out.view(-1, out.shape[-1]).addmm_(h, b.t())
     return out
+
+
+class FactoredLoRA(Adapter):
+    """An adapter whose update is ``scaling * B A`` with A, B assembled on each call by ``factors()``
+    (NOLA's basis mixtures, MoS's shards). Subclasses set ``scaling`` and ``dropout`` (a module or None)."""
+
+    scaling: float
+    dropout: nn.Module | None
+
+    def factors(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(A, B) of shapes (r, in) and (out, r)."""
+        raise NotImplementedError
+
+    def forward(self, x: torch.Tensor, out: torch.Tensor, base: nn.Module) -> torch.Tensor:
+        lora_a, lora_b = self.factors()
+        if x.dtype != lora_a.dtype:
+            x = x.to(lora_a.dtype)
+        if self.dropout is not None:
+            x = self.dropout(x)
+        h = torch.nn.functional.linear(x, lora_a) * self.scaling
+        return add_matmul_(out, h.to(out.dtype), lora_b.to(out.dtype))
+
+    def delta(self, x: torch.Tensor, base: nn.Module) -> torch.Tensor:
+        lora_a, lora_b = self.factors()
+        if self.dropout is not None:
+            x = self.dropout(x)
+        return torch.nn.functional.linear(torch.nn.functional.linear(x, lora_a), lora_b) * self.scaling
+
+    def delta_weight(self, base: nn.Module) -> torch.Tensor:
+        lora_a, lora_b = self.factors()
+        return (lora_b @ lora_a) * self.scaling

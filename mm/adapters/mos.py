@@ -30,10 +30,9 @@ from dataclasses import dataclass, field
 from typing import ClassVar
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from mm.adapters.base import ADAPTERS, Adapter, add_matmul_
+from mm.adapters.base import ADAPTERS, FactoredLoRA
 from mm.config import AdapterConfig, ConfigError
 
 
@@ -142,7 +141,7 @@ def _routing_index(slots: int, pool: int, private: int, gen: torch.Generator) ->
     return index[torch.randperm(slots, generator=gen)]
 
 
-class MoS(Adapter):
+class MoS(FactoredLoRA):
     def __init__(
         self, config: MoSConfig, in_features: int, out_features: int, pools: tuple[ShardPool, ShardPool],
         owned: tuple[bool, bool], gen: torch.Generator, *, dtype: torch.dtype, device: torch.device,
@@ -177,25 +176,6 @@ class MoS(Adapter):
         lora_a = shards_a.reshape(self.r, -1)[:, : self.in_features]
         lora_b = shards_b.reshape(self.r, -1)[:, : self.out_features].T
         return lora_a, lora_b
-
-    def forward(self, x: torch.Tensor, out: torch.Tensor, base: nn.Module) -> torch.Tensor:
-        lora_a, lora_b = self.factors()
-        if x.dtype != lora_a.dtype:
-            x = x.to(lora_a.dtype)
-        if self.dropout is not None:
-            x = self.dropout(x)
-        h = F.linear(x, lora_a) * self.scaling
-        return add_matmul_(out, h.to(out.dtype), lora_b.to(out.dtype))
-
-    def delta(self, x: torch.Tensor, base: nn.Module) -> torch.Tensor:
-        lora_a, lora_b = self.factors()
-        if self.dropout is not None:
-            x = self.dropout(x)
-        return F.linear(F.linear(x, lora_a), lora_b) * self.scaling
-
-    def delta_weight(self, base: nn.Module) -> torch.Tensor:
-        lora_a, lora_b = self.factors()
-        return (lora_b @ lora_a) * self.scaling
 
 
 def mos_trainable_params(config: MoSConfig, shapes: list[tuple[int, int]]) -> int:

@@ -21,10 +21,9 @@ from dataclasses import dataclass, field
 from typing import ClassVar
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from mm.adapters.base import ADAPTERS, Adapter, add_matmul_
+from mm.adapters.base import ADAPTERS, FactoredLoRA
 from mm.config import AdapterConfig, ConfigError
 
 
@@ -87,7 +86,7 @@ def nola_bases(seed: int, r: int, in_features: int, out_features: int, num_a: in
     return bases_a, bases_b
 
 
-class NOLA(Adapter):
+class NOLA(FactoredLoRA):
     def __init__(
         self, config: NOLAConfig, in_features: int, out_features: int, layer_seed: int, *,
         dtype: torch.dtype, device: torch.device,
@@ -130,22 +129,3 @@ class NOLA(Adapter):
         lora_a = torch.tensordot(self.nola_alpha, bases_a, dims=1)
         lora_b = torch.tensordot(self.nola_beta, bases_b, dims=1)
         return lora_a, lora_b
-
-    def forward(self, x: torch.Tensor, out: torch.Tensor, base: nn.Module) -> torch.Tensor:
-        lora_a, lora_b = self.factors()
-        if x.dtype != lora_a.dtype:
-            x = x.to(lora_a.dtype)
-        if self.dropout is not None:
-            x = self.dropout(x)
-        h = F.linear(x, lora_a) * self.scaling
-        return add_matmul_(out, h.to(out.dtype), lora_b.to(out.dtype))
-
-    def delta(self, x: torch.Tensor, base: nn.Module) -> torch.Tensor:
-        lora_a, lora_b = self.factors()
-        if self.dropout is not None:
-            x = self.dropout(x)
-        return F.linear(F.linear(x, lora_a), lora_b) * self.scaling
-
-    def delta_weight(self, base: nn.Module) -> torch.Tensor:
-        lora_a, lora_b = self.factors()
-        return (lora_b @ lora_a) * self.scaling
