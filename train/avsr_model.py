@@ -8,7 +8,8 @@ real tokens only, in training and decoding alike.
 
 Matryoshka training (Llama-MTSK): every step runs the LM once per configured (audio rate, video rate)
 pair, inside ``mm.route(scale=<pair name>)`` so scale-specific LoRAs pick themselves, and averages the
-pairs' losses (``matryoshka_loss: mean``; ``sum`` adds them). The encoders run once per step: only
+pairs' losses (``matryoshka_loss: mean``, as the authors' released training code averages its per-input
+losses; ``sum`` adds them, MRL's unit weights). The encoders run once per step: only
 compression, projection and the LM differ between pairs. Inference runs at any one configured pair.
 """
 

@@ -1,4 +1,4 @@
-"""``mmtune eval --config RECIPE [--run RUN_DIR] [--snr DB ...] [key=value ...]``: evaluate a trained run.
+"""``mmtune eval --config RECIPE [--run RUN_DIR] [--snr DB]... [key=value ...]``: evaluate a trained run.
 
 Rebuilds the recipe's task (same seed, so the frozen base weights are those the run trained on), loads
 the run's ``adapters.safetensors`` / ``trainable.safetensors`` and evaluates the eval split. For the AVSR
@@ -17,8 +17,9 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
         description="Evaluate the run folder of a recipe. AVSR recipes print WER/CER per audio-video rate pair.")
     parser.add_argument("--config", required=True, help="the recipe YAML the run was trained with")
     parser.add_argument("--run", default=None, help="run folder (default: the recipe's train.out_dir)")
-    parser.add_argument("--snr", type=float, nargs="*", default=[], metavar="DB",
-                        help="also evaluate with white noise at these SNRs in dB (tasks whose data has snr_db)")
+    parser.add_argument("--snr", type=float, action="append", default=[], metavar="DB",
+                        help="also evaluate with white noise at this SNR in dB (repeatable; tasks whose data "
+                             "has snr_db)")
     parser.add_argument("--batch-size", type=int, default=16, help="evaluation batch size")
     parser.add_argument("overrides", nargs="*", metavar="key=value", help="dotted recipe keys to override")
     return parser
