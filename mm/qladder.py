@@ -175,19 +175,10 @@ def save_qladder(ladder: QLadder, path: str | os.PathLike) -> Path:
 
 def load_qladder(path: str | os.PathLike) -> QLadder:
     """Rebuild a ladder saved by ``save_qladder``; errors name the file and what does not fit."""
-    from safetensors import safe_open
+    from mm.state import read_tagged_safetensors
 
     path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: no such QLadder file")
-    try:
-        with safe_open(str(path), framework="pt") as handle:
-            metadata = handle.metadata() or {}
-            tensors = {key: handle.get_tensor(key) for key in handle.keys()}  # noqa: SIM118
-    except Exception as err:  # safetensors raises its own error types for corrupt files
-        raise ValueError(f"{path}: not a readable safetensors file ({err})") from err
-    if metadata.get("format") != FORMAT:
-        raise ValueError(f"{path}: metadata 'format' is {metadata.get('format')!r}, expected {FORMAT!r}")
+    metadata, tensors = read_tagged_safetensors(path, FORMAT, what="QLadder")
     config = QLadderConfig.from_dict(json.loads(metadata["config"]), source=str(path))
     ladder = QLadder(config, width=int(metadata["width"]), depth=int(metadata["depth"]),
                      heads=int(metadata["heads"]))

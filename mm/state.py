@@ -71,19 +71,28 @@ def save_adapters(model: nn.Module, path: str | os.PathLike, names: list[str] | 
     return atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=metadata))
 
 
-def read_adapter_file(path: str | os.PathLike) -> tuple[dict[str, AdapterConfig], dict[str, torch.Tensor]]:
-    """Configs and tensors of an mmtune adapter file; errors name the file and what is wrong."""
+def read_tagged_safetensors(
+    path: str | os.PathLike, expected_format: str, what: str = "adapter"
+) -> tuple[dict[str, str], dict[str, torch.Tensor]]:
+    """Metadata and tensors of a safetensors file whose metadata 'format' must be ``expected_format``."""
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"{path}: no such adapter file")
+        raise FileNotFoundError(f"{path}: no such {what} file")
     try:
         with safe_open(str(path), framework="pt") as handle:
             metadata = handle.metadata() or {}
             tensors = {key: handle.get_tensor(key) for key in handle.keys()}  # noqa: SIM118
     except Exception as err:  # safetensors raises its own error types for corrupt files
         raise AdapterStateError(f"{path}: not a readable safetensors file ({err})") from err
-    if metadata.get("format") != FORMAT:
-        raise AdapterStateError(f"{path}: metadata 'format' is {metadata.get('format')!r}, expected {FORMAT!r}")
+    if metadata.get("format") != expected_format:
+        raise AdapterStateError(
+            f"{path}: metadata 'format' is {metadata.get('format')!r}, expected {expected_format!r}")
+    return metadata, tensors
+
+
+def read_adapter_file(path: str | os.PathLike) -> tuple[dict[str, AdapterConfig], dict[str, torch.Tensor]]:
+    """Configs and tensors of an mmtune adapter file; errors name the file and what is wrong."""
+    metadata, tensors = read_tagged_safetensors(path, FORMAT)
     raw = json.loads(metadata["adapters"])
     configs = {name: AdapterConfig.from_dict(cfg, source=f"{path} adapter {name!r}") for name, cfg in raw.items()}
     return configs, tensors
