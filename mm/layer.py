@@ -68,17 +68,21 @@ class AdaptedLinear(nn.Module):
         return self.base.bias
 
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
-        out = self.base(x, *args, **kwargs)
         if self.disabled:
             if self.merged:
                 raise RuntimeError(f"cannot disable adapters {self.merged}: they are merged; unmerge first")
-            return out
+            return self.base(x, *args, **kwargs)
         route = current_route()
         if route is not None and route.row_adapters is not None:
-            return self._forward_rows(x, out, route.row_adapters)
-        for name in self.active:
-            if name not in self.merged:
-                out = self.adapters[name](x, out, self.base)
+            return self._forward_rows(x, self.base(x, *args, **kwargs), route.row_adapters)
+        adapters = [self.adapters[name] for name in self.active if name not in self.merged]
+        folding = [a for a in adapters if a.folds_input]
+        if folding:  # whole-FFN mixtures: (..., k, in) rows -> their gate-weighted sum, before the base
+            x = type(folding[0]).fold(x, folding)
+        out = self.base(x, *args, **kwargs)
+        # Expanding adapters add a k axis, so every same-shape update goes in before them.
+        for adapter in sorted(adapters, key=lambda a: a.expands_output):
+            out = adapter(x, out, self.base)
         return out
 
     def _forward_rows(self, x: torch.Tensor, out: torch.Tensor, row_adapters: tuple[str | None, ...]) -> torch.Tensor:
@@ -87,6 +91,9 @@ class AdaptedLinear(nn.Module):
             raise ValueError(f"route gives adapters for {len(row_adapters)} rows, the batch has {x.shape[0]}")
         if self.merged:
             raise RuntimeError(f"per-row adapters need unmerged adapters; {self.merged} are merged")
+        if any(a.expands_output or a.folds_input for a in self.adapters.values()):
+            raise ValueError("per-row adapters cannot route a batch through a whole-FFN mixture (top_k > 1 with "
+                             "router_scope='block'); use router_scope='layer' or one adapter for the whole batch")
         for name in dict.fromkeys(n for n in row_adapters if n is not None):
             if name not in self.adapters:
                 continue  # this layer is not adapted by that adapter: its rows keep the base output

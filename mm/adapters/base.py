@@ -27,6 +27,10 @@ class Adapter(nn.Module):
 
     #: False for adapters whose update depends on the input beyond a fixed matrix (routed mixtures).
     mergeable: bool = True
+    #: Whole-FFN mixtures (mm.adapters.moe_ffn): the block's input projections return (..., k, out), one row
+    #: per chosen expert, and its output projection folds those rows back (``fold`` runs before the base).
+    expands_output: bool = False
+    folds_input: bool = False
 
     def forward(self, x: torch.Tensor, out: torch.Tensor, base: nn.Module) -> torch.Tensor:
         return out + self.delta(x, base).to(out.dtype)

@@ -1,16 +1,16 @@
 """MixLoRA (Li et al., 2024): top-k LoRA experts on the feed-forward block with a load-balance loss.
 
 The router takes the softmax over E experts, keeps the top k and renormalises their probabilities to sum
-to 1 (as the authors' m-LoRA code does); each token's projection output is the gate-weighted sum of its
-chosen experts' LoRA updates on the frozen weight. The auxiliary loss ``E * sum_i f_i P_i`` is returned,
-times ``aux_loss_coef``, by ``mm.adapters.moe.aux_loss(model)``. MixLoRA's independently configured
-attention LoRA is a second adapter: ``mm.attach(model, LoRAConfig(targets=[q, k, v, o]), "attn")``.
+to 1 (as the authors' code does). Expert j is the frozen FFN with expert j's LoRA on each targeted
+projection, and the block returns ``sum_j g_j FFN_{e_j}(x)``: each chosen expert's pre-activation goes
+through the nonlinearity on its own. The frozen weights still run once per token, not once per choice
+(``mm.adapters.moe_ffn``: the authors' shared-W1/W3 optimisation, and the down projection by linearity).
+The auxiliary loss ``E * sum_i f_i P_i`` is returned, times ``aux_loss_coef``, by
+``mm.adapters.moe.aux_loss(model)``. MixLoRA's independently configured attention LoRA is a second adapter:
+``mm.attach(model, LoRAConfig(targets=[q, k, v, o]), "attn")``.
 
-One difference from the paper: MixLoRA computes each chosen expert's whole FFN, ``sum_j g_j FFN_j(x)``,
-passing k intermediate activations through the nonlinearity. Here each projection mixes its experts
-(``W x + sum_j g_j B_j A_j x``) so every layer keeps its output shape and composes with other adapters on
-the same layer; with top_k = 1 the two are identical. Router, dispatch and MoLA per-layer expert counts
-live in ``mm.adapters.moe``.
+``router_scope="layer"`` instead gives each projection its own router mixing inside that projection
+(MoLA's layout). Router, dispatch and MoLA per-layer expert counts live in ``mm.adapters.moe``.
 """
 
 from __future__ import annotations

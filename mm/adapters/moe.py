@@ -2,14 +2,18 @@
 
 Each adapted projection holds E LoRA experts stacked as ``lora_A`` (E, r, in) and ``lora_B`` (E, out, r). A
 router (E logits per token, computed in fp32) picks the top-k experts e_1..e_k of each token with gates
-g_1..g_k, and the projection returns ``W x + sum_j g_j * (alpha / r) * B_{e_j} A_{e_j} x``.
+g_1..g_k (s = alpha / r below).
 
 Router scope ``"block"`` (MoLE, MixLoRA): the adapted projections under one parent module (an LLM MLP's
 gate/up/down, open_clip's c_fc/c_proj) share one router, so a token uses the same experts in every
-projection of the block; an expert is the block with that expert's LoRAs. The projections whose input width
-is the router's (those reading the block input) route; the others (down_proj, c_proj) reuse that routing for
-the same tokens. Scope ``"layer"`` gives every projection its own router (MoLA's layout). Dispatch is
-vectorised (``masked_mix``, ``grouped_delta``): no Python loop over tokens or experts.
+projection of the block; an expert is the block with that expert's LoRAs, and the block returns
+``sum_j g_j FFN_{e_j}(x)``. With top-1 that is each projection using its token's expert. With top-k > 1 the
+input projections return one row per (token, expert) and the output projection folds them back
+(``mm.adapters.moe_ffn``), so the nonlinearity sees each expert's own pre-activation, as in MixLoRA. A block
+whose projections all read its input width (attention q/k/v/o) has nothing to fold: there each projection
+returns ``W x + sum_j g_j s B_{e_j} A_{e_j} x``. Scope ``"layer"`` gives every projection its own router and
+that per-projection mixture (MoLA's layout). Dispatch is vectorised (``mm.adapters.moe_dispatch``): no
+Python loop over tokens or experts.
 
 MoLA (Gao et al., 2024) is the per-layer expert count: ``layer_experts`` (a list by layer index) or
 ``expert_groups`` with ``num_layers`` (equal groups of consecutive layers, e.g. [2, 4, 6, 8] = more experts
@@ -35,6 +39,14 @@ from torch import nn
 
 from mm.adapters.base import Adapter, NotMergeableError, add_matmul_
 from mm.adapters.lora import LoRAConfig, _param_dtype
+from mm.adapters.moe_dispatch import (  # noqa: F401  (grouped_delta, masked_delta: re-exported)
+    DISPATCH,
+    MASKED_MAX_WIDTH,
+    grouped_delta,
+    masked_delta,
+    masked_mix,
+)
+from mm.adapters.moe_ffn import add_folded, expand_output, fold_input
 from mm.config import ConfigError
 from mm.wrap import _layer_index, adapted_layers
 
@@ -60,8 +72,9 @@ class MixtureConfig(LoRAConfig):
     )
     router_scope: Literal["block", "layer"] = field(
         default="block",
-        metadata={"help": "'block': one router per parent module shared by its projections; 'layer': a "
-                  "router per projection (MoLA)."},
+        metadata={"help": "'block': one router per parent module shared by its projections, experts are whole "
+                  "FFNs (top-k > 1: each choice its own row through the block); 'layer': a router per "
+                  "projection mixing inside it (MoLA)."},
     )
     aux_loss_coef: float = field(
         default=0.01, metadata={"help": "Weight of the load-balance loss that aux_loss(model) returns."}
@@ -70,7 +83,7 @@ class MixtureConfig(LoRAConfig):
         default="auto",
         metadata={"help": "'masked': all experts' r-wide projections in one matmul, gates as a sparse mask; "
                   "'grouped': tokens sorted by expert into batched matmuls (cost independent of E); 'auto': "
-                  "masked while E*r <= 256, else grouped. Same result."},
+                  "masked while E*r <= 256, else grouped, and grouped for whole-FFN rows. Same result."},
     )
 
     top_k = 1  # the subclass decides: MoLE is top-1, MixLoRA a field
@@ -120,7 +133,9 @@ class MixtureConfig(LoRAConfig):
     def _router_for(self, layer_name: str, in_features: int, experts: int, device: torch.device) -> tuple[Router, bool]:
         """(router, whether this layer owns it): block scope shares one router per parent per attach."""
         if self.router_scope == "layer":
-            return Router(in_features, experts, self, layer_name, device), True
+            router = Router(in_features, experts, self, layer_name, device)
+            router.members[layer_name] = in_features
+            return router, True
         block, _, leaf = layer_name.rpartition(".")
         ref, members = self._groups.get(block, (None, set()))
         router = ref() if ref is not None else None
@@ -131,6 +146,7 @@ class MixtureConfig(LoRAConfig):
         else:  # same parent, same layer index: the same expert count
             owner = False
         members.add(leaf)
+        router.members[leaf] = in_features
         return router, owner
 
     def build_for(self, layer_name: str, in_features: int, out_features: int, base_weight: torch.Tensor):
@@ -168,10 +184,18 @@ class Router(nn.Module):
         nn.init.normal_(self.weight, std=ROUTER_INIT_STD)
         self.in_features, self.num_experts, self.block = in_features, num_experts, block
         self.top_k, self.renormalize = config.top_k, config.renormalize
+        self.members: dict[str, int] = {}  # projection -> its input width, filled while attaching
         self._clear()
+
+    @property
+    def expands(self) -> bool:
+        """Whole-FFN experts (MixLoRA, top-k > 1): the block has projections reading its input, which expand
+        every token into its k (token, expert) rows, and one reading another width, which folds them back."""
+        return self.top_k > 1 and any(width != self.in_features for width in self.members.values())
 
     def _clear(self) -> None:
         self._input: weakref.ref | None = None
+        self.lead: tuple[int, ...] | None = None  # leading shape of the latest routed input
         self.routing: Routing | None = None
         self.balance_loss: torch.Tensor | None = None
         self.tokens_per_expert: torch.Tensor | None = None
@@ -180,7 +204,7 @@ class Router(nn.Module):
     def __getstate__(self) -> dict:
         # The latest routing holds autograd graph tensors, which copy.deepcopy and pickle refuse.
         state = dict(self.__dict__)
-        state.update(_input=None, routing=None, balance_loss=None, tokens_per_expert=None, entropy=None)
+        state.update(_input=None, lead=None, routing=None, balance_loss=None, tokens_per_expert=None, entropy=None)
         return state
 
     def extra_repr(self) -> str:
@@ -194,7 +218,7 @@ class Router(nn.Module):
         top_probs, experts = probs.topk(self.top_k, dim=-1)
         gates = top_probs / top_probs.sum(-1, keepdim=True) if self.renormalize else top_probs
         self.routing = Routing(experts, gates)
-        self._input = weakref.ref(source)
+        self._input, self.lead = weakref.ref(source), tuple(source.shape[:-1])
         self.balance_loss = load_balance_loss(probs, experts)
         with torch.no_grad():
             self.tokens_per_expert = torch.bincount(experts.reshape(-1), minlength=self.num_experts)
@@ -210,61 +234,6 @@ class Router(nn.Module):
                 f"the block's router holds {have}; the block's input projections must run first on the same tokens"
             )
         return self.routing
-
-
-def grouped_delta(x: torch.Tensor, experts: torch.Tensor, gates: torch.Tensor, lora_A: torch.Tensor,
-                  lora_B: torch.Tensor) -> torch.Tensor:
-    """``sum_j gates[t, j] * B_e A_e x_t`` (e = experts[t, j]) for all tokens at once.
-
-    The T*k (token, choice) rows are sorted by expert and scattered into an (E, capacity, in) batch, so the
-    experts run as two batched matmuls; no Python loop over tokens or experts.
-    """
-    tokens, k = experts.shape
-    num_experts, out_features = lora_A.shape[0], lora_B.shape[1]
-    if tokens == 0:
-        return x.new_zeros(0, out_features)
-    flat = experts.reshape(-1)
-    order = torch.argsort(flat, stable=True)
-    counts = torch.bincount(flat, minlength=num_experts)
-    starts = torch.cumsum(counts, 0) - counts
-    slot = torch.empty_like(flat)
-    slot[order] = torch.arange(flat.numel(), device=flat.device) - starts[flat[order]]
-    capacity = int(counts.max())
-    token = torch.arange(tokens, device=x.device).repeat_interleave(k)
-    batch = x.new_zeros(num_experts, capacity, x.shape[-1])
-    batch[flat, slot] = x[token]
-    hidden = torch.bmm(batch, lora_A.transpose(1, 2))  # (E, capacity, r)
-    scale = gates.new_zeros(num_experts, capacity)
-    scale[flat, slot] = gates.reshape(-1)
-    outputs = torch.bmm(hidden * scale.unsqueeze(-1), lora_B.transpose(1, 2))  # (E, capacity, out)
-    return outputs[flat, slot].view(tokens, k, out_features).sum(1)
-
-
-def masked_mix(x: torch.Tensor, experts: torch.Tensor, gates: torch.Tensor, lora_A: torch.Tensor,
-               lora_B: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(T, E*r) hidden with every unchosen expert's block zeroed, and B as (out, E*r): their product is the update.
-
-    LoRA experts are thin, so projecting every token on all E*r rows of A is one cheap matmul; the routing
-    then only masks the r-wide hidden, and B runs as one matmul that can add straight into the base output.
-    """
-    tokens = experts.shape[0]
-    num_experts, rank, in_features = lora_A.shape
-    hidden = F.linear(x, lora_A.reshape(num_experts * rank, in_features)).view(tokens, num_experts, rank)
-    mask = gates.new_zeros(tokens, num_experts).scatter(1, experts, gates)
-    mixed = (hidden * mask.unsqueeze(-1)).reshape(tokens, num_experts * rank)
-    return mixed, lora_B.permute(1, 0, 2).reshape(lora_B.shape[1], num_experts * rank)
-
-
-def masked_delta(x: torch.Tensor, experts: torch.Tensor, gates: torch.Tensor, lora_A: torch.Tensor,
-                 lora_B: torch.Tensor) -> torch.Tensor:
-    """Same as ``grouped_delta``, through ``masked_mix``."""
-    mixed, weight = masked_mix(x, experts, gates, lora_A, lora_B)
-    return F.linear(mixed, weight)
-
-
-DISPATCH = {"masked": masked_delta, "grouped": grouped_delta}
-#: 'auto' uses the masked form while experts * rank stays this small, else the grouped one.
-MASKED_MAX_WIDTH = 256
 
 
 class MixtureOfLoRAExperts(Adapter):
@@ -297,6 +266,24 @@ class MixtureOfLoRAExperts(Adapter):
         if name == "auto":
             name = "masked" if experts * config.r <= MASKED_MAX_WIDTH else "grouped"
         self.dispatch = DISPATCH[name]
+        # Whole-FFN experts (moe_ffn): per-pair updates are out-wide, so grouping beats masking there
+        # unless asked (scripts/bench_moe.py measures both).
+        self.grouped_pairs = config.dispatch != "masked"
+        self._pairs: torch.Tensor | None = None  # the folded (token, expert) rows, from fold to forward
+
+    @property
+    def expands_output(self) -> bool:
+        """This projection reads the input of a whole-FFN block mixture and returns one row per choice."""
+        return self.routes_input and self.block_router.expands
+
+    @property
+    def folds_input(self) -> bool:
+        """This projection reads the expanded rows of a whole-FFN block mixture and folds them back."""
+        return not self.routes_input and self.block_router.expands
+
+    @staticmethod
+    def fold(x: torch.Tensor, adapters: list[MixtureOfLoRAExperts]) -> torch.Tensor:
+        return fold_input(x, adapters)
 
     @property
     def block_router(self) -> Router:
@@ -305,6 +292,8 @@ class MixtureOfLoRAExperts(Adapter):
     def extra_repr(self) -> str:
         experts, r, in_features = self.lora_A.shape
         role = "routes" if self.routes_input else "reuses routing"
+        if self.block_router.expands:
+            role = "expands to top-k rows" if self.routes_input else "folds top-k rows"
         return (f"experts={experts}, r={r}, in={in_features}, out={self.lora_B.shape[1]}, "
                 f"scaling={self.scaling:g}, {role}, block={self.block_router.block!r}")
 
@@ -328,6 +317,8 @@ class MixtureOfLoRAExperts(Adapter):
         return update.view(*x.shape[:-1], update.shape[-1])
 
     def forward(self, x: torch.Tensor, out: torch.Tensor, base: nn.Module) -> torch.Tensor:
+        if self.block_router.expands:
+            return expand_output(self, x, out) if self.routes_input else add_folded(self, out)
         if self.dispatch is masked_delta:  # B's matmul accumulates into the base output in place
             mixed, weight = masked_mix(*self._inputs(x), self.lora_A, self.lora_B)
             return add_matmul_(out, mixed.to(out.dtype), weight.to(out.dtype))
