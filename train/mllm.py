@@ -20,7 +20,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mm.adapters.moe import aux_loss, mixtures
 from mm.route import route
 
 IGNORE_INDEX = -100
@@ -125,7 +124,7 @@ class LlavaModel(nn.Module):
                             position_ids=inputs["position_ids"], **kwargs)
 
     def loss(self, batch: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor, int]:
-        """(answer-token cross-entropy + mixture balance loss, the cross-entropy alone, answer tokens)."""
+        """(answer-token cross-entropy, the same detached, answer tokens); the task adds mixtures' balance loss."""
         inputs = self.splice(batch["input_ids"], batch["attention_mask"], batch["images"], batch["has_image"],
                              labels=batch["labels"])
         logits = self.forward_llm(inputs).logits[:, :-1].float()
@@ -133,8 +132,7 @@ class LlavaModel(nn.Module):
         count = int((target != IGNORE_INDEX).sum())
         ce = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), target.reshape(-1), ignore_index=IGNORE_INDEX,
                              reduction="sum") / max(count, 1)
-        total = ce + aux_loss(self.llm) if any(True for _ in mixtures(self.llm)) else ce
-        return total, ce.detach(), count
+        return ce, ce.detach(), count
 
     @torch.no_grad()
     def generate(self, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, images: torch.Tensor | None,

@@ -55,6 +55,27 @@ class Task(Protocol):
     def collate(self, samples: list[Any]) -> Any: ...
 
 
+def add_balance_loss(model: nn.Module, loss: torch.Tensor, logs: dict[str, float]):
+    """(task loss + every active mixture's weighted balance loss, logs with it and the routers' health).
+
+    Logged per step: ``moe_aux_loss`` (what was added), ``moe_router_entropy`` (mean over blocks; log E is
+    uniform routing) and ``moe_max_expert_share`` (the busiest expert's share of its block's choices;
+    1/E is perfect balance). Per-expert detail: ``mm.adapters.moe.router_logs``.
+    """
+    from mm.adapters.moe import aux_loss, mixtures, router_stats
+
+    if next(mixtures(model), None) is None:
+        return loss, logs
+    extra = aux_loss(model)
+    stats = router_stats(model)
+    logs = {**logs, "moe_aux_loss": float(extra.detach())}
+    if stats:
+        logs["moe_router_entropy"] = sum(s.entropy for s in stats) / len(stats)
+        logs["moe_max_expert_share"] = max(max(s.tokens_per_expert) / max(1, sum(s.tokens_per_expert))
+                                           for s in stats)
+    return loss + extra.to(loss.dtype), logs
+
+
 class AdapterTask(nn.Module):
     """Shared plumbing: quantise the backbone if asked, attach the recipe's adapters, default collate."""
 
@@ -69,7 +90,8 @@ class AdapterTask(nn.Module):
         """Cross-section checks (raise ``mm.ConfigError`` naming the key and ``recipe.source``)."""
 
     def forward(self, batch: Any) -> tuple[torch.Tensor, dict[str, float]]:
-        return self.training_step(batch)
+        loss, logs = self.training_step(batch)
+        return add_balance_loss(self, loss, logs)
 
     def training_step(self, batch: Any) -> tuple[torch.Tensor, dict[str, float]]:
         raise NotImplementedError

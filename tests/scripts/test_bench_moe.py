@@ -22,18 +22,25 @@ def load_bench():
     return module
 
 
-def test_reference_loops_compute_the_library_dispatch():
+def test_naive_per_expert_ffn_loop_computes_the_library_mixture():
     import torch
 
-    from mm.adapters.moe import grouped_delta, masked_delta
+    from mm.adapters.moe import aux_loss
 
     bench = load_bench()
-    generator = torch.Generator().manual_seed(0)
-    x, lora_A, lora_B = (torch.randn(shape, generator=generator) for shape in [(40, 12), (5, 3, 12), (5, 7, 3)])
-    gates, experts = torch.rand(40, 5, generator=generator).softmax(-1).topk(2, dim=-1)
-    expected = masked_delta(x, experts, gates, lora_A, lora_B)
-    for fn in (grouped_delta, bench.naive_delta, bench.sorted_loop_delta):
-        torch.testing.assert_close(fn(x, experts, gates, lora_A, lora_B), expected, rtol=1e-5, atol=1e-5)
+    sizes = {"layers": 1, "hidden": 16, "intermediate": 40, "heads": 2, "vocab": 32, "batch": 2, "seq": 5}
+    library, naive = bench.build("default", sizes), bench.build("naive", sizes)
+    assert "forward" in vars(naive.model.layers[0].mlp), "the naive row must run the bench's own loop"
+    ids = torch.randint(0, 32, (2, 5), generator=torch.Generator().manual_seed(0))
+    grads = []
+    for model in (library, naive):
+        out = model(input_ids=ids, labels=ids)
+        (out.loss + aux_loss(model)).backward()
+        grads.append({n: p.grad for n, p in model.named_parameters() if p.requires_grad})
+    torch.testing.assert_close(naive(input_ids=ids).logits, library(input_ids=ids).logits, rtol=1e-5, atol=1e-5)
+    assert grads[0].keys() == grads[1].keys() and len(grads[0]) == 7  # 3 x (A, B) + the router
+    for name, grad in grads[0].items():
+        torch.testing.assert_close(grads[1][name], grad, rtol=1e-4, atol=1e-6, msg=name)
 
 
 @pytest.mark.slow
@@ -42,4 +49,4 @@ def test_quick_run_prints_every_row():
     text = bench.main(["--quick", "--rounds", "1", "--steps", "1", "--no-memory"])
     labels = [line.split("|")[1].strip() for line in text.splitlines() if line.startswith("| ") and "---" not in line]
     assert labels[1:] == list(bench.ROWS.values())
-    assert "naive per-expert loop / default, training step:" in text
+    assert "naive per-expert FFN loop / default, training step:" in text

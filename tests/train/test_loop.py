@@ -128,3 +128,25 @@ def test_nonfinite_loss_skip_drops_that_step_and_goes_on(tmp_path, monkeypatch):
     assert all(math.isfinite(result.losses[s]) for s in (1, 2, 4, 5, 6))
     weights = load_file(tmp_path / "run" / "adapters.safetensors")
     assert all(torch.isfinite(t).all() for t in weights.values()), "NaN gradients must not reach the weights"
+
+
+def test_mixture_adapters_add_and_log_their_balance_loss(tmp_path):
+    """Any task: the loop's forward adds the routers' weighted balance loss and logs the routers' health."""
+    from train_helpers import LLAMA
+
+    mlp = "adapters.default.targets=[gate_proj,up_proj,down_proj]"
+    recipe = load_recipe(LLAMA, ["train.progress=false", "train.threads=1", "train.eval_every=0",
+                                 "train.save_every=0", "train.max_steps=3", f"train.out_dir={tmp_path / 'run'}",
+                                 "adapters.default.method=mixlora", mlp, "adapters.default.r=2",
+                                 "adapters.default.num_experts=4", "adapters.default.aux_loss_coef=0.5"])
+    from train.task import get_task
+
+    task = get_task(recipe.task)(recipe)
+    batch = task.collate([task.train_dataset()[i] for i in range(4)])
+    task_loss, _ = task.training_step(batch)
+    loss, logs = task(batch)
+    assert logs["moe_aux_loss"] >= 0.5 * 2 - 1e-4  # top-2 balance loss is at least k = 2
+    assert loss.item() == pytest.approx(task_loss.item() + logs["moe_aux_loss"], rel=1e-5)
+    train(recipe)
+    logged = {r["metric"] for r in read_metrics(tmp_path / "run" / "metrics.csv") if r["split"] == "train"}
+    assert {"moe_aux_loss", "moe_router_entropy", "moe_max_expert_share"} <= logged

@@ -4,6 +4,7 @@ the staged `mllm` task (text -> projector -> instruct) through the training loop
 from __future__ import annotations
 
 import json
+import math
 
 import pytest
 import torch
@@ -214,8 +215,10 @@ def test_mole_stage_adds_the_balance_loss(tmp_path):
     trainable = {n.split(".adapters.")[-1].split(".")[0] for n, p in task.named_parameters() if p.requires_grad}
     assert trainable >= {"attn", "mlp"}
     batch = task.collate([task.train_dataset()[i] for i in range(4)])
-    loss, logs = task.training_step(batch)
+    loss, logs = task(batch)  # what the loop calls
     assert loss.item() > logs["answer_loss"]  # answer cross-entropy + the routers' balance loss
+    assert loss.item() == pytest.approx(logs["answer_loss"] + logs["moe_aux_loss"], rel=1e-5)
+    assert 0 < logs["moe_router_entropy"] <= math.log(3) + 1e-6 and 1 / 3 <= logs["moe_max_expert_share"] <= 1
     loss.backward()
     router = next(p for n, p in task.named_parameters() if "router" in n)
     assert router.grad is not None and router.grad.abs().sum() > 0
