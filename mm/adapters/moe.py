@@ -83,7 +83,7 @@ class MixtureConfig(LoRAConfig):
         default="auto",
         metadata={"help": "'masked': all experts' r-wide projections in one matmul, gates as a sparse mask; "
                   "'grouped': tokens sorted by expert into batched matmuls (cost independent of E); 'auto': "
-                  "masked while E*r <= 256, else grouped, and grouped for whole-FFN rows. Same result."},
+                  "masked while E*r <= 256, else grouped. Same result."},
     )
 
     top_k = 1  # the subclass decides: MoLE is top-1, MixLoRA a field
@@ -225,6 +225,9 @@ class Router(nn.Module):
             self.entropy = -(probs * probs.clamp_min(1e-12).log()).sum(-1).mean()
         return self.routing
 
+    # Called as a module (``router(x, source)``), so hooks that gather sharded parameters (ZeRO-3) see it.
+    forward = route
+
     def reuse(self, tokens: int, where: str) -> Routing:
         """The block's routing for a projection that does not read the block input (down_proj, c_proj)."""
         if self.routing is None or self.routing.experts.shape[0] != tokens:
@@ -266,9 +269,7 @@ class MixtureOfLoRAExperts(Adapter):
         if name == "auto":
             name = "masked" if experts * config.r <= MASKED_MAX_WIDTH else "grouped"
         self.dispatch = DISPATCH[name]
-        # Whole-FFN experts (moe_ffn): per-pair updates are out-wide, so grouping beats masking there
-        # unless asked (scripts/bench_moe.py measures both).
-        self.grouped_pairs = config.dispatch != "masked"
+        self.grouped_pairs = name == "grouped"  # whole-FFN rows (moe_ffn) follow the same rule
         self._pairs: torch.Tensor | None = None  # the folded (token, expert) rows, from fold to forward
 
     @property
@@ -301,8 +302,10 @@ class MixtureOfLoRAExperts(Adapter):
         flat = x.reshape(-1, x.shape[-1])
         router = self.block_router
         if self.routes_input:
-            return router.route(flat, x)
-        return router.reuse(flat.shape[0], f"{self.method} in block {router.block!r}")
+            return router(flat, x)
+        routing = router.reuse(flat.shape[0], f"{self.method} in block {router.block!r}")
+        router._input = None  # the block's output projection ran: a later call with the same tensor re-routes
+        return routing
 
     def _inputs(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(flat tokens after dropout, chosen experts, gates times the LoRA scale)."""

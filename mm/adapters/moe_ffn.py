@@ -41,7 +41,7 @@ def expand_output(adapter, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
     """(..., *axes, out) base output -> (..., *axes, k, out): one row per (token, chosen expert)."""
     router = adapter.block_router
     flat = x.reshape(-1, x.shape[-1])
-    routing = router.route(flat, x)
+    routing = router(flat, x)
     rows = flat.to(adapter.lora_A.dtype)
     if adapter.dropout is not None:
         rows = adapter.dropout(rows)

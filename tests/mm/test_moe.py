@@ -321,3 +321,16 @@ def test_gradient_checkpointing_gives_the_same_gradients():
         grads.append({n: p.grad for n, p in model.named_parameters() if p.requires_grad})
     for name, grad in grads[0].items():
         torch.testing.assert_close(grads[1][name], grad, rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_top1_block_reroutes_a_reused_input_tensor_after_the_router_changes():
+    model = TinyMLP()
+    mm.attach(model, MoLEConfig(targets=["fc1", "fc2"], r=2, num_experts=4))
+    perturb(model, scale=0.3)
+    x = torch.randn(6, 12, generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        first = model(x)
+        router = model.fc1.adapters["default"].router
+        router.weight.copy_(torch.randn(router.weight.shape, generator=torch.Generator().manual_seed(5)) * 3)
+        assert (model(x) - first).abs().max() > 1e-4
+        torch.testing.assert_close(model(x), model(x.clone()))
