@@ -12,6 +12,7 @@ from mm.layer import AdaptedLinear
 from mm.merge import merge, unmerge
 from mm.peft_format import export_peft, import_peft
 from mm.report import TrainableReport, trainable_report
+from mm.route import route  # the function: ``with mm.route(...)`` as documented
 from mm.state import AdapterStateError, load_adapters, save_adapters
 from mm.wrap import (
     AttachError,
@@ -36,6 +37,6 @@ __all__ = [
     "ADAPTERS", "Adapter", "AdaptedLinear", "AdapterConfig", "AdapterStateError", "AttachError", "ConfigError",
     "LoRAConfig", "NotMergeableError", "TrainableReport", "active_adapters", "adapted_layers", "adapter_config",
     "adapter_names", "attach", "delete_adapter", "disable_adapters", "export_peft", "import_peft",
-    "list_adapters", "load_adapters", "merge", "save_adapters", "select_targets", "set_active",
+    "list_adapters", "load_adapters", "merge", "route", "save_adapters", "select_targets", "set_active",
     "trainable_report", "unmerge",
 ]

@@ -119,7 +119,8 @@ class LlavaModel(nn.Module):
     # ------------------------------------------------------------------------------------- LLM passes
 
     def forward_llm(self, inputs: dict[str, torch.Tensor], **kwargs: Any) -> Any:
-        with route(token_masks={"vision": inputs["vision_mask"]}):
+        # "attention" keeps padding out of mixture routers' balance loss and statistics.
+        with route(token_masks={"vision": inputs["vision_mask"], "attention": inputs["attention_mask"]}):
             return self.llm(inputs_embeds=inputs["inputs_embeds"], attention_mask=inputs["attention_mask"],
                             position_ids=inputs["position_ids"], **kwargs)
 

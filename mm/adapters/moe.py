@@ -21,7 +21,8 @@ in higher layers), resolved from the layer index in each module's name.
 
 Balance loss (Switch Transformer, as MixLoRA uses it): ``E * sum_i f_i * P_i`` with f_i the fraction of
 the T tokens routed to expert i (each of a token's k choices counts, as in the MixLoRA authors' code; for
-top-1 this is the paper's formula) and P_i the mean router probability of expert i. ``aux_loss(model)``
+top-1 this is the paper's formula) and P_i the mean router probability of expert i; padding tokens are left
+out when the forward runs inside ``mm.route(token_masks={"attention": attention_mask})``. ``aux_loss(model)``
 returns every active mixture's coefficient times the mean of its routers' losses from the latest forward;
 ``router_stats(model)`` gives tokens per expert and router entropy per block for logging.
 """
@@ -48,6 +49,7 @@ from mm.adapters.moe_dispatch import (  # noqa: F401  (grouped_delta, masked_del
 )
 from mm.adapters.moe_ffn import add_folded, expand_output, fold_input
 from mm.config import ConfigError
+from mm.route import current_route
 from mm.wrap import _layer_index, adapted_layers
 
 #: Router weights start small (normal, this std) so early routing is close to uniform, as in MixLoRA.
@@ -167,11 +169,32 @@ class Routing:
     gates: torch.Tensor
 
 
-def load_balance_loss(probs: torch.Tensor, experts: torch.Tensor) -> torch.Tensor:
-    """``E * sum_i f_i * P_i``: f_i = (choices of expert i) / T over the (T, k) ``experts``, P_i = mean prob."""
+def load_balance_loss(probs: torch.Tensor, experts: torch.Tensor, valid: torch.Tensor | None = None) -> torch.Tensor:
+    """``E * sum_i f_i * P_i``: f_i = (choices of expert i) / T over the (T, k) ``experts``, P_i = mean prob.
+
+    ``valid`` (T,) bool leaves padding tokens out of both f and P (as the MixLoRA authors' loss does with the
+    attention mask); T is then the number of valid tokens.
+    """
     tokens, num_experts = probs.shape
+    if valid is not None:
+        probs, experts, tokens = probs[valid], experts[valid], int(valid.sum())
+    if tokens == 0:
+        return probs.new_zeros(())
     counts = torch.bincount(experts.reshape(-1), minlength=num_experts).to(probs.dtype)
     return num_experts * torch.sum(counts / tokens * probs.mean(0))
+
+
+#: ``mm.route(token_masks={PADDING_MASK: attention_mask})`` marks the real tokens of a padded batch.
+PADDING_MASK = "attention"
+
+
+def _valid_tokens(tokens: int) -> torch.Tensor | None:
+    """The (T,) real-token mask of the current ``mm.route``, when it gives one covering these T tokens."""
+    route = current_route()
+    mask = None if route is None else route.token_masks.get(PADDING_MASK)
+    if mask is None or mask.numel() != tokens:  # another shape of tokens (e.g. a vision tower): no mask
+        return None
+    return mask.reshape(-1).bool()
 
 
 class Router(nn.Module):
@@ -219,10 +242,13 @@ class Router(nn.Module):
         gates = top_probs / top_probs.sum(-1, keepdim=True) if self.renormalize else top_probs
         self.routing = Routing(experts, gates)
         self._input, self.lead = weakref.ref(source), tuple(source.shape[:-1])
-        self.balance_loss = load_balance_loss(probs, experts)
+        valid = _valid_tokens(probs.shape[0])
+        self.balance_loss = load_balance_loss(probs, experts, valid)
         with torch.no_grad():
-            self.tokens_per_expert = torch.bincount(experts.reshape(-1), minlength=self.num_experts)
-            self.entropy = -(probs * probs.clamp_min(1e-12).log()).sum(-1).mean()
+            counted = experts if valid is None else experts[valid]
+            self.tokens_per_expert = torch.bincount(counted.reshape(-1), minlength=self.num_experts)
+            real = probs if valid is None else probs[valid]
+            self.entropy = -(real * real.clamp_min(1e-12).log()).sum(-1).mean()
         return self.routing
 
     # Called as a module (``router(x, source)``), so hooks that gather sharded parameters (ZeRO-3) see it.

@@ -334,3 +334,27 @@ def test_top1_block_reroutes_a_reused_input_tensor_after_the_router_changes():
         router.weight.copy_(torch.randn(router.weight.shape, generator=torch.Generator().manual_seed(5)) * 3)
         assert (model(x) - first).abs().max() > 1e-4
         torch.testing.assert_close(model(x), model(x.clone()))
+
+
+def test_padding_tokens_stay_out_of_the_balance_loss_and_counts():
+    probs = torch.tensor([[0.9, 0.1], [0.8, 0.2], [0.3, 0.7], [0.6, 0.4]])
+    experts = torch.tensor([[0], [0], [1], [0]])
+    valid = torch.tensor([True, False, True, False])  # f = (1/2, 1/2), P = (0.6, 0.4): 2 * 0.5 = 1.0
+    assert math.isclose(float(load_balance_loss(probs, experts, valid)), 1.0, rel_tol=1e-6)
+    assert float(load_balance_loss(probs, experts, torch.zeros(4, dtype=torch.bool))) == 0.0
+    model = tiny_llama()
+    mm.attach(model, MixLoRAConfig(targets=LLAMA_MLP, r=2, num_experts=4, top_k=2))
+    ids = torch.randint(0, 64, (2, 6), generator=torch.Generator().manual_seed(0))
+    mask = torch.tensor([[1, 1, 1, 1, 0, 0], [1, 1, 1, 1, 1, 1]])
+    seen = {}
+    model.model.layers[0].mlp.register_forward_pre_hook(lambda m, args: seen.__setitem__("x", args[0].detach()))
+    with mm.route(token_masks={"attention": mask}):
+        model(ids, attention_mask=mask)
+    assert all(sum(s.tokens_per_expert) == 10 * 2 for s in router_stats(model))  # 10 real tokens, top-2
+    router = model.model.layers[0].mlp.gate_proj.adapters["default"].router
+    probs = F.linear(seen["x"].reshape(-1, 32), router.weight).softmax(-1)
+    expected = load_balance_loss(probs[mask.reshape(-1).bool()], probs.topk(2, dim=-1).indices[mask.reshape(-1).bool()])
+    torch.testing.assert_close(router.balance_loss, expected)
+    model(ids, attention_mask=mask)  # no route: every token counts
+    assert sum(router_stats(model)[0].tokens_per_expert) == 12 * 2
+

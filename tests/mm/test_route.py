@@ -54,3 +54,11 @@ def test_route_nests_and_is_per_thread():
         thread.start()
         thread.join()
     assert seen == [None] and current_route() is None
+
+
+def test_mm_route_is_the_documented_context_manager():
+    from mm.route import current_route
+
+    with mm.route(token_masks={"attention": torch.ones(1, 2)}):
+        assert "attention" in current_route().token_masks
+    assert current_route() is None
