@@ -1,0 +1,129 @@
+"""The router of the mixtures of LoRA experts: top-k softmax in fp32, the balance loss, routing statistics.
+
+Balance loss (Switch Transformer, as MixLoRA uses it): ``E * sum_i f_i * P_i`` with f_i the fraction of the
+T tokens routed to expert i (each of a token's k choices counts, as in the MixLoRA authors' code; for top-1
+this is the paper's formula) and P_i the mean router probability of expert i. Padding tokens are left out
+when the forward runs inside ``mm.route(token_masks={"attention": attention_mask})``.
+"""
+
+from __future__ import annotations
+
+import weakref
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from mm.route import current_route
+
+if TYPE_CHECKING:
+    from mm.adapters.moe import MixtureConfig
+
+#: Router weights start small (normal, this std) so early routing is close to uniform, as in MixLoRA.
+ROUTER_INIT_STD = 0.02
+
+
+@dataclass
+class Routing:
+    """One routing decision: for T tokens, the k chosen experts (T, k) and their gates (T, k)."""
+
+    experts: torch.Tensor
+    gates: torch.Tensor
+
+
+def load_balance_loss(probs: torch.Tensor, experts: torch.Tensor, valid: torch.Tensor | None = None) -> torch.Tensor:
+    """``E * sum_i f_i * P_i``: f_i = (choices of expert i) / T over the (T, k) ``experts``, P_i = mean prob.
+
+    ``valid`` (T,) bool leaves padding tokens out of both f and P (as the MixLoRA authors' loss does with the
+    attention mask); T is then the number of valid tokens.
+    """
+    tokens, num_experts = probs.shape
+    if valid is not None:
+        probs, experts, tokens = probs[valid], experts[valid], int(valid.sum())
+    if tokens == 0:
+        return probs.new_zeros(())
+    counts = torch.bincount(experts.reshape(-1), minlength=num_experts).to(probs.dtype)
+    return num_experts * torch.sum(counts / tokens * probs.mean(0))
+
+
+#: ``mm.route(token_masks={PADDING_MASK: attention_mask})`` marks the real tokens of a padded batch.
+PADDING_MASK = "attention"
+
+
+def _valid_tokens(tokens: int) -> torch.Tensor | None:
+    """The (T,) real-token mask of the current ``mm.route``, when it gives one covering these T tokens."""
+    route = current_route()
+    mask = None if route is None else route.token_masks.get(PADDING_MASK)
+    if mask is None or mask.numel() != tokens:  # another shape of tokens (e.g. a vision tower): no mask
+        return None
+    return mask.reshape(-1).bool()
+
+
+class Router(nn.Module):
+    """Top-k softmax router; keeps its latest routing (so a block's later projections reuse it), loss, stats."""
+
+    def __init__(self, in_features: int, num_experts: int, config: MixtureConfig, block: str,
+                 device: torch.device) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(num_experts, in_features, dtype=torch.float32, device=device))
+        nn.init.normal_(self.weight, std=ROUTER_INIT_STD)
+        self.in_features, self.num_experts, self.block = in_features, num_experts, block
+        self.top_k, self.renormalize = config.top_k, config.renormalize
+        self.members: dict[str, int] = {}  # projection -> its input width, filled while attaching
+        self._clear()
+
+    @property
+    def expands(self) -> bool:
+        """Whole-FFN experts (MixLoRA, top-k > 1): the block has projections reading its input, which expand
+        every token into its k (token, expert) rows, and one reading another width, which folds them back."""
+        return self.top_k > 1 and any(width != self.in_features for width in self.members.values())
+
+    def _clear(self) -> None:
+        self._input: weakref.ref | None = None
+        self.lead: tuple[int, ...] | None = None  # leading shape of the latest routed input
+        self.routing: Routing | None = None
+        self.balance_loss: torch.Tensor | None = None
+        self.tokens_per_expert: torch.Tensor | None = None
+        self.entropy: torch.Tensor | None = None
+
+    def __getstate__(self) -> dict:
+        # The latest routing holds autograd graph tensors, which copy.deepcopy and pickle refuse.
+        state = dict(self.__dict__)
+        state.update(_input=None, lead=None, routing=None, balance_loss=None, tokens_per_expert=None, entropy=None)
+        return state
+
+    def extra_repr(self) -> str:
+        return f"block={self.block!r}, experts={self.num_experts}, top_k={self.top_k}"
+
+    def route(self, x: torch.Tensor, source: torch.Tensor) -> Routing:
+        """Route the (T, in) tokens ``x``; a second call with the same ``source`` tensor reuses the result."""
+        if self.routing is not None and self._input is not None and self._input() is source:
+            return self.routing
+        probs = F.linear(x.float(), self.weight.float()).softmax(dim=-1)  # fp32 whatever the model dtype
+        top_probs, experts = probs.topk(self.top_k, dim=-1)
+        gates = top_probs / top_probs.sum(-1, keepdim=True) if self.renormalize else top_probs
+        self.routing = Routing(experts, gates)
+        self._input, self.lead = weakref.ref(source), tuple(source.shape[:-1])
+        valid = _valid_tokens(probs.shape[0])
+        self.balance_loss = load_balance_loss(probs, experts, valid)
+        with torch.no_grad():
+            counted = experts if valid is None else experts[valid]
+            self.tokens_per_expert = torch.bincount(counted.reshape(-1), minlength=self.num_experts)
+            real = probs if valid is None else probs[valid]
+            self.entropy = -(real * real.clamp_min(1e-12).log()).sum(-1).mean()
+        return self.routing
+
+    # Called as a module (``router(x, source)``), so hooks that gather sharded parameters (ZeRO-3) see it.
+    forward = route
+
+    def reuse(self, tokens: int, where: str) -> Routing:
+        """The block's routing for a projection that does not read the block input (down_proj, c_proj)."""
+        if self.routing is None or self.routing.experts.shape[0] != tokens:
+            have = "none" if self.routing is None else f"{self.routing.experts.shape[0]} tokens"
+            raise RuntimeError(
+                f"{where}: this projection reuses the routing of block {self.block!r} for {tokens} tokens, but "
+                f"the block's router holds {have}; the block's input projections must run first on the same tokens"
+            )
+        return self.routing
