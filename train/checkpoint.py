@@ -167,6 +167,7 @@ def load_checkpoint(accelerator, model, task: nn.Module, optimizer, scheduler, f
         raise CheckpointError(f"{folder}: saved with {state.world_size} processes, this run has "
                               f"{accelerator.num_processes}; the data position and RNG states would not carry over")
     if is_deepspeed(accelerator):
+        _weights_only_loads(model)
         path, _ = model.load_checkpoint(str(folder / "deepspeed"), tag="state", load_module_strict=False,
                                         load_optimizer_states=True, load_lr_scheduler_states=False)
         if path is None:
@@ -178,6 +179,27 @@ def load_checkpoint(accelerator, model, task: nn.Module, optimizer, scheduler, f
     rng_file = folder / f"rng-rank{accelerator.process_index}.json"
     _set_rng_state(json.loads(rng_file.read_text()))
     return state
+
+
+def _weights_only_loads(engine) -> None:
+    """Make the DeepSpeed engine read its checkpoint files with ``torch.load(weights_only=True)``: its own
+    engine unpickles arbitrary objects, and nothing loaded from disk may run code."""
+    checkpoint_engine = getattr(engine, "checkpoint_engine", None)
+    if checkpoint_engine is None:
+        raise CheckpointError("this DeepSpeed engine has no checkpoint_engine to load through safely")
+
+    from deepspeed.runtime.fp16.loss_scaler import LossScaler
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+
+    # DeepSpeed's files hold tensors, containers, an enum and the loss scaler's plain attributes: allow
+    # exactly those two classes (rebuilt from their attribute dicts, no code of the file's choosing runs).
+    allowed = [ZeroStageEnum, LossScaler]
+
+    def load(path: str, map_location=None):
+        with torch.serialization.safe_globals(allowed):
+            return torch.load(path, map_location=map_location, weights_only=True)
+
+    checkpoint_engine.load = load
 
 
 def load_trainable(task: nn.Module, folder: str | Path) -> None:

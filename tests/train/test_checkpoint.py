@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pickle
 import random
 import shutil
 from pathlib import Path
@@ -96,3 +97,28 @@ def test_rng_states_round_trip():
     checkpoint._set_rng_state(state)
     again = (random.random(), np.random.rand(), torch.rand(3))
     assert draws[0] == again[0] and draws[1] == again[1] and torch.equal(draws[2], again[2])
+
+
+class _Payload:
+    """A class a checkpoint file names as a global: weights_only loading must refuse to rebuild it."""
+
+    def __reduce__(self):
+        return (print, ("code ran while loading",))
+
+
+def test_deepspeed_checkpoint_files_are_read_weights_only(tmp_path):
+    from types import SimpleNamespace
+
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+
+    from train.checkpoint import _weights_only_loads
+
+    engine = SimpleNamespace(checkpoint_engine=SimpleNamespace(load=None))
+    _weights_only_loads(engine)
+    good, bad = tmp_path / "good.pt", tmp_path / "bad.pt"
+    torch.save({"stage": ZeroStageEnum.weights, "state": {"exp_avg": torch.ones(3)}}, good)
+    torch.save({"payload": _Payload()}, bad)
+    loaded = engine.checkpoint_engine.load(str(good), map_location="cpu")
+    assert loaded["stage"] is ZeroStageEnum.weights and torch.equal(loaded["state"]["exp_avg"], torch.ones(3))
+    with pytest.raises(pickle.UnpicklingError, match="Unsupported global"):
+        engine.checkpoint_engine.load(str(bad), map_location="cpu")
