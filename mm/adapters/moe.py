@@ -80,6 +80,11 @@ class MixtureConfig(LoRAConfig):
     aux_loss_coef: float = field(
         default=0.01, metadata={"help": "Weight of the load-balance loss that aux_loss(model) returns."}
     )
+    router_jitter: float = field(
+        default=0.0,
+        metadata={"help": "In training, multiply the router's input by noise uniform in [1 - j, 1 + j] (MixLoRA's "
+                  "and Switch Transformer's jitter); 0 = off. The experts see the clean input."},
+    )
     dispatch: Literal["auto", "masked", "grouped"] = field(
         default="auto",
         metadata={"help": "'masked': all experts' r-wide projections in one matmul, gates as a sparse mask; "
@@ -99,6 +104,8 @@ class MixtureConfig(LoRAConfig):
         m = self.method  # router_scope and dispatch: the Literal type check names the key
         if self.aux_loss_coef < 0:
             raise ConfigError(f"{m}: key 'aux_loss_coef' must be >= 0, got {self.aux_loss_coef}")
+        if not 0 <= self.router_jitter < 1:
+            raise ConfigError(f"{m}: key 'router_jitter' must be in [0, 1), got {self.router_jitter}")
         if self.layer_experts is not None and self.expert_groups is not None:
             raise ConfigError(f"{m}: give 'layer_experts' or 'expert_groups', not both")
         if (self.expert_groups is None) != (self.num_layers is None):

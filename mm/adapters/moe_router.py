@@ -70,7 +70,7 @@ class Router(nn.Module):
         self.weight = nn.Parameter(torch.empty(num_experts, in_features, dtype=torch.float32, device=device))
         nn.init.normal_(self.weight, std=ROUTER_INIT_STD)
         self.in_features, self.num_experts, self.block = in_features, num_experts, block
-        self.top_k, self.renormalize = config.top_k, config.renormalize
+        self.top_k, self.renormalize, self.jitter = config.top_k, config.renormalize, config.router_jitter
         self.members: dict[str, int] = {}  # projection -> its input width, filled while attaching
         self._clear()
 
@@ -101,7 +101,10 @@ class Router(nn.Module):
         """Route the (T, in) tokens ``x``; a second call with the same ``source`` tensor reuses the result."""
         if self.routing is not None and self._input is not None and self._input() is source:
             return self.routing
-        probs = F.linear(x.float(), self.weight.float()).softmax(dim=-1)  # fp32 whatever the model dtype
+        x = x.float()  # fp32 whatever the model dtype
+        if self.training and self.jitter > 0:
+            x = x * torch.empty_like(x).uniform_(1.0 - self.jitter, 1.0 + self.jitter)
+        probs = F.linear(x, self.weight.float()).softmax(dim=-1)
         top_probs, experts = probs.topk(self.top_k, dim=-1)
         gates = top_probs / top_probs.sum(-1, keepdim=True) if self.renormalize else top_probs
         self.routing = Routing(experts, gates)

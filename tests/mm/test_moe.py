@@ -358,3 +358,21 @@ def test_padding_tokens_stay_out_of_the_balance_loss_and_counts():
     model(ids, attention_mask=mask)  # no route: every token counts
     assert sum(router_stats(model)[0].tokens_per_expert) == 12 * 2
 
+
+
+def test_router_jitter_perturbs_training_routing_only():
+    model = TinyMLP()
+    mm.attach(model, MixLoRAConfig(targets=["fc1", "fc2"], r=2, num_experts=4, top_k=2, router_jitter=0.5))
+    perturb(model, scale=0.3)
+    router = model.fc1.adapters["default"].router
+    x = torch.randn(64, 12, generator=torch.Generator().manual_seed(0))
+    clean = torch.softmax(x @ router.weight.T, -1).topk(2, dim=-1).indices
+    model.eval()
+    model(x)
+    assert torch.equal(router.routing.experts, clean)  # eval: no noise
+    model.train()
+    torch.manual_seed(0)
+    model(x.clone())
+    assert not torch.equal(router.routing.experts, clean)  # +-50% noise moves some tokens' choices
+    with pytest.raises(mm.ConfigError, match="key 'router_jitter' must be in"):
+        MixLoRAConfig(targets=["x"], router_jitter=1.5)
