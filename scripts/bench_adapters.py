@@ -19,7 +19,6 @@ method that cannot attach to a workload. Rows slower than 1.5x LoRA are flagged.
 
 from __future__ import annotations
 
-import argparse
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -184,21 +183,15 @@ def report(workload: str, sizes: dict, results: dict, skipped: dict) -> str:
 
 
 def main(argv: list[str] | None = None) -> str:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="tiny sizes: smoke-test the script")
+    parser = benchlib.bench_parser(__doc__.splitlines()[0], rounds=3)
     parser.add_argument("--workloads", nargs="+", default=["linear", "llama"], choices=["linear", "llama"])
     parser.add_argument("--methods", nargs="+", default=None, help="default: every registered method")
-    parser.add_argument("--rounds", type=int, default=3, help="interleaved timing rounds")
-    parser.add_argument("--steps", type=int, default=2, help="timed calls per variant per round")
-    parser.add_argument("--no-memory", action="store_true", help="skip the peak-memory child processes")
-    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     args = parser.parse_args(argv)
     import torch
 
     import mm
 
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    benchlib.set_threads(args.threads)
     methods = args.methods or mm.ADAPTERS.names()
     methods = ["lora"] + [m for m in methods if m != "lora"]  # the baseline first
     all_sizes = QUICK if args.quick else FULL

@@ -18,7 +18,6 @@ wall-clock figures swing by tens of percent; one thread timed in process CPU sec
 
 from __future__ import annotations
 
-import argparse
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -207,19 +206,13 @@ def report(medians: dict, peaks: dict, params: dict) -> str:
 
 
 def main(argv: list[str] | None = None) -> str:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="a tiny model: smoke-test the script")
-    parser.add_argument("--rounds", type=int, default=5, help="interleaved timing rounds")
-    parser.add_argument("--steps", type=int, default=2, help="timed calls per variant per round")
-    parser.add_argument("--no-memory", action="store_true", help="skip the peak-memory child processes")
-    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    parser = benchlib.bench_parser(__doc__.splitlines()[0], rounds=5)
     parser.add_argument("--clock", choices=sorted(benchlib.CLOCKS), default="wall",
                         help="'cpu': CPU seconds of this process, steadier on a loaded machine (use --threads 1)")
     args = parser.parse_args(argv)
     import torch
 
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    benchlib.set_threads(args.threads)
     sizes = QUICK if args.quick else FULL
     medians, peaks, params = measure(sizes, args.rounds, args.steps, memory=not args.no_memory, clock=args.clock)
     shape = ", ".join(f"{k} {v}" for k, v in sizes.items())

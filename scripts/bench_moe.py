@@ -26,7 +26,6 @@ growth of a fresh process per row; CUDA: max allocated). Ratios are against the 
 
 from __future__ import annotations
 
-import argparse
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -240,18 +239,12 @@ def report(step: dict, block: dict, peaks: dict, params: dict) -> str:
 
 
 def main(argv: list[str] | None = None) -> str:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="a tiny model: smoke-test the script")
-    parser.add_argument("--rounds", type=int, default=4, help="interleaved timing rounds")
-    parser.add_argument("--steps", type=int, default=2, help="timed calls per variant per round")
-    parser.add_argument("--no-memory", action="store_true", help="skip the peak-memory measurement")
-    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    parser = benchlib.bench_parser(__doc__.splitlines()[0], rounds=4)
     parser.add_argument("--device", default="cpu", help="cpu (default) or cuda[:N]")
     args = parser.parse_args(argv)
     import torch
 
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    benchlib.set_threads(args.threads)
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         parser.error(f"--device {args.device}: torch sees no CUDA device on this machine")
     sizes = QUICK if args.quick else FULL

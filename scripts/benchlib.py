@@ -10,7 +10,7 @@ The benchmark machines are small (2 cores) and shared by several jobs whose load
 
 Scripts import this as ``import benchlib`` (``scripts/`` is on ``sys.path`` when a script there runs).
 The API is stable: ``bench_llama``, ``bench_batch``, ``time_interleaved``, ``Timing``, ``CLOCKS``,
-``peak_rss_mib``, ``markdown_table``.
+``peak_rss_mib``, ``markdown_table``, ``bench_parser``, ``set_threads``.
 """
 
 from __future__ import annotations
@@ -179,6 +179,25 @@ def markdown_table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
     lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
     lines += ["| " + " | ".join(cell(v) for v in row) + " |" for row in rows]
     return "\n".join(lines)
+
+
+def bench_parser(description: str, *, rounds: int) -> argparse.ArgumentParser:
+    """The options every model benchmark shares: --quick, --rounds, --steps, --no-memory, --threads."""
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--quick", action="store_true", help="tiny sizes: smoke-test the script")
+    parser.add_argument("--rounds", type=int, default=rounds, help="interleaved timing rounds")
+    parser.add_argument("--steps", type=int, default=2, help="timed calls per variant per round")
+    parser.add_argument("--no-memory", action="store_true", help="skip the peak-memory measurement")
+    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    return parser
+
+
+def set_threads(threads: int | None) -> None:
+    """Apply --threads (None keeps torch's default)."""
+    if threads:
+        import torch
+
+        torch.set_num_threads(threads)
 
 
 def _main(argv: list[str] | None = None) -> None:
