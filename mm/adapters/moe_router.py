@@ -33,19 +33,30 @@ class Routing:
     gates: torch.Tensor
 
 
+def expert_counts(experts: torch.Tensor, num_experts: int, weight: torch.Tensor | None = None) -> torch.Tensor:
+    """Choices per expert over the (T, k) ``experts``, each token weighted by ``weight`` (T,) if given.
+
+    A scatter-add, not ``torch.bincount``: bincount reads its input's maximum back to the host, a device
+    sync per router per step on a GPU.
+    """
+    flat = experts.reshape(-1)
+    ones = torch.ones_like(flat, dtype=torch.float32) if weight is None else (
+        weight.to(torch.float32)[:, None].expand(experts.shape).reshape(-1))
+    return torch.zeros(num_experts, dtype=torch.float32, device=flat.device).scatter_add_(0, flat, ones)
+
+
 def load_balance_loss(probs: torch.Tensor, experts: torch.Tensor, valid: torch.Tensor | None = None) -> torch.Tensor:
     """``E * sum_i f_i * P_i``: f_i = (choices of expert i) / T over the (T, k) ``experts``, P_i = mean prob.
 
     ``valid`` (T,) bool leaves padding tokens out of both f and P (as the MixLoRA authors' loss does with the
-    attention mask); T is then the number of valid tokens.
+    attention mask); T is then the number of valid tokens (no valid token: 0).
     """
-    tokens, num_experts = probs.shape
-    if valid is not None:
-        probs, experts, tokens = probs[valid], experts[valid], int(valid.sum())
-    if tokens == 0:
-        return probs.new_zeros(())
-    counts = torch.bincount(experts.reshape(-1), minlength=num_experts).to(probs.dtype)
-    return num_experts * torch.sum(counts / tokens * probs.mean(0))
+    num_experts = probs.shape[1]
+    weight = torch.ones_like(probs[:, 0]) if valid is None else valid.to(probs.dtype)
+    tokens = weight.sum().clamp_min(1.0)
+    counts = expert_counts(experts, num_experts, weight).to(probs.dtype)
+    mean_probs = (probs * weight[:, None]).sum(0) / tokens
+    return num_experts * torch.sum(counts / tokens * mean_probs)
 
 
 #: ``mm.route(token_masks={PADDING_MASK: attention_mask})`` marks the real tokens of a padded batch.
@@ -111,11 +122,11 @@ class Router(nn.Module):
         self._input, self.lead = weakref.ref(source), tuple(source.shape[:-1])
         valid = _valid_tokens(probs.shape[0])
         self.balance_loss = load_balance_loss(probs, experts, valid)
-        with torch.no_grad():
-            counted = experts if valid is None else experts[valid]
-            self.tokens_per_expert = torch.bincount(counted.reshape(-1), minlength=self.num_experts)
-            real = probs if valid is None else probs[valid]
-            self.entropy = -(real * real.clamp_min(1e-12).log()).sum(-1).mean()
+        with torch.no_grad():  # statistics for logging, kept on the device (no sync until read)
+            self.tokens_per_expert = expert_counts(experts, self.num_experts, valid).round().long()
+            entropy = -(probs * probs.clamp_min(1e-12).log()).sum(-1)
+            self.entropy = entropy.mean() if valid is None else (
+                (entropy * valid).sum() / valid.sum().clamp_min(1))
         return self.routing
 
     # Called as a module (``router(x, source)``), so hooks that gather sharded parameters (ZeRO-3) see it.
