@@ -165,3 +165,28 @@ def test_per_row_routing_refuses_whole_ffn_mixtures_clearly():
     mm.attach(model, MixLoRAConfig(targets=["fc1", "fc2"], r=2, num_experts=3, top_k=2))
     with route(row_adapters=("default", None)), pytest.raises(ValueError, match="whole-FFN mixture"):
         model(torch.randn(2, 12))
+
+
+def test_gpt2_conv1d_mlp_is_the_sum_of_whole_ffn_experts():
+    """GPT-2 stores its MLP as transformers Conv1D (weight (in, out)); its attention c_proj mixes per projection."""
+    from toys import tiny_gpt2
+
+    model = tiny_gpt2()
+    mm.attach(model, MixLoRAConfig(targets=["c_fc", "c_proj"], r=2, alpha=4.0, num_experts=3, top_k=2))
+    perturb(model, scale=0.3)
+    block = model.transformer.h[0]
+    assert block.mlp.c_fc.adapters["default"].expands_output and block.mlp.c_proj.adapters["default"].folds_input
+    assert not block.attn.c_proj.adapters["default"].expands_output
+    mlp = block.mlp.eval()
+    x = torch.randn(2, 3, 32, generator=torch.Generator().manual_seed(7))
+
+    def conv1d(layer, v, ex):
+        a = layer.adapters["default"]
+        e = ex["default"]
+        return v @ layer.base.weight + layer.base.bias + a.scaling * (a.lora_B[e] @ (a.lora_A[e] @ v))
+
+    ffn = lambda v, ex: conv1d(mlp.c_proj, mlp.act(conv1d(mlp.c_fc, v, ex)), ex)  # noqa: E731
+    with torch.no_grad():
+        torch.testing.assert_close(mlp(x), _reference(x, ffn, mlp.c_fc.adapters["default"].router, k=2),
+                                   rtol=1e-4, atol=1e-5)
+    model(torch.randint(0, 64, (2, 5)))  # the whole model runs with the attention mixture beside

@@ -50,3 +50,14 @@ def test_quick_run_prints_every_row():
     labels = [line.split("|")[1].strip() for line in text.splitlines() if line.startswith("| ") and "---" not in line]
     assert labels[1:] == list(bench.ROWS.values())
     assert "naive per-expert FFN loop / default, training step:" in text
+
+
+def test_cuda_device_without_a_gpu_is_a_clear_usage_error(capsys):
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a GPU: --device cuda is valid here")
+    with pytest.raises(SystemExit) as exit_info:
+        load_bench().main(["--quick", "--device", "cuda"])
+    assert exit_info.value.code == 2
+    assert "--device cuda: torch sees no CUDA device" in capsys.readouterr().err
