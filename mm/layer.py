@@ -91,7 +91,8 @@ class AdaptedLinear(nn.Module):
             raise ValueError(f"route gives adapters for {len(row_adapters)} rows, the batch has {x.shape[0]}")
         if self.merged:
             raise RuntimeError(f"per-row adapters need unmerged adapters; {self.merged} are merged")
-        if any(a.expands_output or a.folds_input for a in self.adapters.values()):
+        if any(name in self.adapters and (self.adapters[name].expands_output or self.adapters[name].folds_input)
+               for name in set(row_adapters)):
             raise ValueError("per-row adapters cannot route a batch through a whole-FFN mixture (top_k > 1 with "
                              "router_scope='block'); use router_scope='layer' or one adapter for the whole batch")
         for name in dict.fromkeys(n for n in row_adapters if n is not None):

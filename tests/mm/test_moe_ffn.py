@@ -190,3 +190,19 @@ def test_gpt2_conv1d_mlp_is_the_sum_of_whole_ffn_experts():
         torch.testing.assert_close(mlp(x), _reference(x, ffn, mlp.c_fc.adapters["default"].router, k=2),
                                    rtol=1e-4, atol=1e-5)
     model(torch.randint(0, 64, (2, 5)))  # the whole model runs with the attention mixture beside
+
+
+def test_per_row_routing_of_other_adapters_beside_a_whole_ffn_mixture_still_works():
+    model = TinyMLP()
+    mm.attach(model, MixLoRAConfig(targets=["fc1", "fc2"], r=2, num_experts=3, top_k=2), "mix")
+    mm.attach(model, mm.LoRAConfig(targets=["fc1", "fc2"], r=2), "plain")
+    perturb(model, scale=0.3)
+    x = torch.randn(2, 12, generator=torch.Generator().manual_seed(8))
+    with torch.no_grad():
+        with route(row_adapters=("plain", None)):
+            got = model(x)
+        mm.set_active(model, "plain")
+        expected_plain = model(x[:1])
+        with mm.disable_adapters(model):
+            expected_base = model(x[1:])
+    torch.testing.assert_close(got, torch.cat([expected_plain, expected_base]))
