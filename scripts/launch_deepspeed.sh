@@ -5,24 +5,14 @@
 # Without a GPU the processes run on the CPU and talk over gloo. PYTHON overrides the interpreter.
 # DeepSpeed builds its CPU communication op on first use (about 2 minutes, cached in TORCH_EXTENSIONS_DIR).
 set -euo pipefail
-if [[ $# -lt 2 ]]; then
-  sed -n '2,7p' "$0" >&2
-  exit 2
-fi
-recipe=$1 nproc=$2
-shift 2
-ds=zero2
-if [[ $# -gt 0 && $1 != *=* ]]; then ds=$1; shift; fi
-cd "$(dirname "$0")/.."
+DEFAULT_MODE=zero2
+source "$(dirname "$0")/launch_common.sh"
+ds=$mode
 case $ds in
   zero2|zero3) ds=configs/deepspeed/$ds.json ;;
 esac
 [[ -f $ds ]] || { echo "launch_deepspeed.sh: no DeepSpeed config '$ds'" >&2; exit 2; }
-python=${PYTHON:-.venv/bin/python}
-[[ -x $python ]] || python=python3
-port=$("$python" -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
 unset ACCELERATE_USE_CPU  # it would make accelerate drop DeepSpeed
-export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
 exec "$python" -m deepspeed.launcher.runner --num_gpus "$nproc" --master_port "$port" --no_local_rank \
-  --module train.cli train --config "$recipe" train.deepspeed="$ds" "$@"
+  --module train.cli train --config "$recipe" train.deepspeed="$ds" "${REST[@]}"

@@ -64,10 +64,11 @@ def add_balance_loss(model: nn.Module, loss: torch.Tensor, logs: dict[str, float
     """
     from mm.adapters.moe import aux_loss, mixtures, router_stats
 
-    if next(mixtures(model), None) is None:
+    found = list(mixtures(model))  # one walk of the model per step
+    if not found:
         return loss, logs
-    extra = aux_loss(model)
-    stats = router_stats(model)
+    extra = aux_loss(model, found)
+    stats = router_stats(model, found)
     logs = {**logs, "moe_aux_loss": float(extra.detach())}
     if stats:
         logs["moe_router_entropy"] = sum(s.entropy for s in stats) / len(stats)

@@ -142,7 +142,7 @@ class MixtureConfig(LoRAConfig):
         """(router, whether this layer owns it): block scope shares one router per parent per attach."""
         if self.router_scope == "layer":
             router = Router(in_features, experts, self, layer_name, device)
-            router.members[layer_name] = in_features
+            router.add_member(layer_name, in_features)
             return router, True
         block, _, leaf = layer_name.rpartition(".")
         ref, members = self._groups.get(block, (None, set()))
@@ -154,7 +154,7 @@ class MixtureConfig(LoRAConfig):
         else:  # same parent, same layer index: the same expert count
             owner = False
         members.add(leaf)
-        router.members[leaf] = in_features
+        router.add_member(leaf, in_features)
         return router, owner
 
     def build_for(self, layer_name: str, in_features: int, out_features: int, base_weight: torch.Tensor):
@@ -275,14 +275,15 @@ def mixtures(model: nn.Module, *, active_only: bool = True):
                 yield name, adapter
 
 
-def aux_loss(model: nn.Module) -> torch.Tensor:
+def aux_loss(model: nn.Module, found: list | None = None) -> torch.Tensor:
     """Sum over active mixtures of ``aux_loss_coef * mean(router balance losses)`` from the latest forward.
 
-    Add it to the task loss: ``loss = task_loss + mm.adapters.moe.aux_loss(model)``.
+    Add it to the task loss: ``loss = task_loss + mm.adapters.moe.aux_loss(model)``. ``found``: the
+    ``list(mixtures(model))`` a caller already has, to skip walking the model again.
     """
     losses: dict[str, list[torch.Tensor]] = {}
     coefs: dict[str, float] = {}
-    for name, adapter in mixtures(model):
+    for name, adapter in mixtures(model) if found is None else found:
         if adapter.router.balance_loss is not None:
             losses.setdefault(name, []).append(adapter.router.balance_loss)
             coefs[name] = adapter.config.aux_loss_coef
@@ -300,12 +301,12 @@ class RouterStats:
     balance_loss: float
 
 
-def router_stats(model: nn.Module) -> list[RouterStats]:
+def router_stats(model: nn.Module, found: list | None = None) -> list[RouterStats]:
     """Per router of the active mixtures, from the latest forward: tokens per expert, mean router entropy."""
     return [
         RouterStats(name, a.router.block, a.router.tokens_per_expert.tolist(), float(a.router.entropy),
                     float(a.router.balance_loss.detach()))
-        for name, a in mixtures(model) if a.router.tokens_per_expert is not None
+        for name, a in (mixtures(model) if found is None else found) if a.router.tokens_per_expert is not None
     ]
 
 

@@ -83,13 +83,21 @@ class Router(nn.Module):
         self.in_features, self.num_experts, self.block = in_features, num_experts, block
         self.top_k, self.renormalize, self.jitter = config.top_k, config.renormalize, config.router_jitter
         self.members: dict[str, int] = {}  # projection -> its input width, filled while attaching
+        self._expands: bool | None = None
         self._clear()
 
     @property
     def expands(self) -> bool:
         """Whole-FFN experts (MixLoRA, top-k > 1): the block has projections reading its input, which expand
         every token into its k (token, expert) rows, and one reading another width, which folds them back."""
-        return self.top_k > 1 and any(width != self.in_features for width in self.members.values())
+        if self._expands is None:  # asked on every forward of every member: worked out once per attach
+            self._expands = self.top_k > 1 and any(width != self.in_features for width in self.members.values())
+        return self._expands
+
+    def add_member(self, projection: str, in_features: int) -> None:
+        """Record a projection that uses this router (while attaching)."""
+        self.members[projection] = in_features
+        self._expands = None
 
     def _clear(self) -> None:
         self._input: weakref.ref | None = None

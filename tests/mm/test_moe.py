@@ -323,9 +323,12 @@ def test_gradient_checkpointing_gives_the_same_gradients():
         torch.testing.assert_close(grads[1][name], grad, rtol=1e-4, atol=1e-6, msg=name)
 
 
-def test_top1_block_reroutes_a_reused_input_tensor_after_the_router_changes():
+@pytest.mark.parametrize("config", [MoLEConfig(targets=["fc1", "fc2"], r=2, num_experts=4),
+                                    MixLoRAConfig(targets=["fc1", "fc2"], r=2, num_experts=4, top_k=2)],
+                         ids=["top1-reuses-routing", "top2-whole-ffn"])
+def test_a_reused_input_tensor_is_routed_again_after_the_router_changes(config):
     model = TinyMLP()
-    mm.attach(model, MoLEConfig(targets=["fc1", "fc2"], r=2, num_experts=4))
+    mm.attach(model, config)
     perturb(model, scale=0.3)
     x = torch.randn(6, 12, generator=torch.Generator().manual_seed(4))
     with torch.no_grad():

@@ -3,21 +3,12 @@ every requested method gets a row or a printed skip reason. Timings are never as
 
 from __future__ import annotations
 
-import importlib.util
-import sys
-from pathlib import Path
-
 import pytest
-
-SCRIPT = Path(__file__).resolve().parents[2] / "scripts" / "bench_adapters.py"
+from script_loader import load_script
 
 
 def load_bench():
-    spec = importlib.util.spec_from_file_location("bench_adapters", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["bench_adapters"] = module
-    spec.loader.exec_module(module)
-    return module
+    return load_script('bench_adapters')
 
 
 def table_rows(text: str, section: str) -> dict[str, list[str]]:

@@ -2,18 +2,13 @@
 
 from __future__ import annotations
 
-import importlib.util
-from pathlib import Path
-
 import pytest
+from script_loader import load_script
 
 
 @pytest.mark.slow
 def test_bench_clip_prints_every_variant(capsys):
-    path = Path(__file__).resolve().parents[2] / "scripts" / "bench_clip.py"
-    spec = importlib.util.spec_from_file_location("bench_clip", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    module = load_script("bench_clip")
     table = module.main(["--model", "tiny-test", "--batch", "2", "--image", "32", "--rounds", "1"])
     for row in ("frozen forward", "lora", "block_lora", "qladder"):
         assert f"| {row} " in table

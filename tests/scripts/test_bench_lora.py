@@ -5,23 +5,15 @@ Timing figures are the script's job (ratios against a baseline in the same run),
 
 from __future__ import annotations
 
-import importlib.util
-import sys
-from pathlib import Path
-
 import pytest
+from script_loader import load_script
 
 pytest.importorskip("peft")
 
-SCRIPT = Path(__file__).resolve().parents[2] / "scripts" / "bench_lora.py"
 
 
 def load_bench_lora():
-    spec = importlib.util.spec_from_file_location("bench_lora", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["bench_lora"] = module
-    spec.loader.exec_module(module)
-    return module
+    return load_script('bench_lora')
 
 
 def table_rows(text: str) -> dict[str, list[str]]:

@@ -5,21 +5,12 @@ Timing figures are the script's job (ratios against a baseline in the same run),
 
 from __future__ import annotations
 
-import importlib.util
-import sys
-from pathlib import Path
-
 import pytest
-
-SCRIPT = Path(__file__).resolve().parents[2] / "scripts" / "bench_moe.py"
+from script_loader import load_script
 
 
 def load_bench():
-    spec = importlib.util.spec_from_file_location("bench_moe", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["bench_moe"] = module
-    spec.loader.exec_module(module)
-    return module
+    return load_script('bench_moe')
 
 
 def test_naive_per_expert_ffn_loop_computes_the_library_mixture():

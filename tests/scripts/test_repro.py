@@ -6,21 +6,12 @@ The figures themselves are the script's output for a person to read, never asser
 
 from __future__ import annotations
 
-import importlib.util
-import sys
-from pathlib import Path
-
 import pytest
-
-SCRIPTS = Path(__file__).resolve().parents[2] / "scripts"
+from script_loader import load_script
 
 
 def load_repro():
-    spec = importlib.util.spec_from_file_location("repro", SCRIPTS / "repro.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["repro"] = module
-    spec.loader.exec_module(module)
-    return module
+    return load_script('repro')
 
 
 def table_rows(text: str) -> dict[str, list[str]]:

@@ -6,22 +6,15 @@ The figures themselves are the script's output for a person to read, never asser
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import sys
-from pathlib import Path
 
 import pytest
-
-SCRIPT = Path(__file__).resolve().parents[2] / "scripts" / "repro_mllm.py"
+from script_loader import load_script
 
 
 @pytest.mark.slow
 def test_quick_run_prints_a_row_per_method(tmp_path, capsys):
-    spec = importlib.util.spec_from_file_location("repro_mllm", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["repro_mllm"] = module
-    spec.loader.exec_module(module)
+    module = load_script("repro_mllm")
     assert module.main(["--quick", "--root", str(tmp_path)]) == 0
     out = capsys.readouterr().out
     rows = {line.split()[0]: line.split() for line in out.splitlines() if line.split()[:1] and

@@ -5,22 +5,13 @@ The accuracies themselves are the script's claim, reported in its output, never 
 
 from __future__ import annotations
 
-import importlib.util
-import sys
-from pathlib import Path
-
 import pytest
 import torch
-
-SCRIPT = Path(__file__).resolve().parents[2] / "scripts" / "repro_moe.py"
+from script_loader import load_script
 
 
 def load_repro():
-    spec = importlib.util.spec_from_file_location("repro_moe", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["repro_moe"] = module
-    spec.loader.exec_module(module)
-    return module
+    return load_script('repro_moe')
 
 
 def test_conflicting_tasks_share_inputs_and_disagree_on_labels():

@@ -2,21 +2,14 @@
 
 from __future__ import annotations
 
-import importlib.util
-import sys
 from pathlib import Path
 
 import pytest
-
-SCRIPT = Path(__file__).resolve().parents[2] / "scripts" / "sweep_fewshot_lr.py"
+from script_loader import load_script
 
 
 def load_sweep():
-    spec = importlib.util.spec_from_file_location("sweep_fewshot_lr", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["sweep_fewshot_lr"] = module
-    spec.loader.exec_module(module)
-    return module
+    return load_script('sweep_fewshot_lr')
 
 
 def test_validation_pool_is_the_train_split_without_the_shots():
