@@ -39,8 +39,8 @@ from data.fake_av import FakeAVConfig, make_fake_avsr
 from encoders.audio import AudioEncoderConfig, build_audio_encoder
 from encoders.video import build_video_encoder, tiny_video_config
 from mm.adapters.mtsk import MatryoshkaLoRAConfig
-from train.avsr_model import AVSRModel, AVSRModelConfig, EncodedAV, LLMConfig, VocabTokenizer, build_lm
-from train.metrics_text import word_error_rate
+from train.tasks.avsr_model import AVSRModel, AVSRModelConfig, EncodedAV, LLMConfig, VocabTokenizer, build_lm
+from train.tasks.metrics_text import word_error_rate
 
 AUDIO_RATES, VIDEO_RATES = [4, 16], [2, 5]
 PAIRS = [f"a{a}_v{v}" for a in AUDIO_RATES for v in VIDEO_RATES]

@@ -20,7 +20,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from heads.mlc import MLCConfig  # noqa: E402
-from train.cluster import ClusterDataConfig, ClusterRecipe, run_clustering  # noqa: E402
+from train.tasks.cluster import ClusterDataConfig, ClusterRecipe, run_clustering  # noqa: E402
 
 #: MLC settings per data set (the paper's structure, sizes for a CPU). The entropy weight gamma and the
 #: Sinkhorn strength eta were picked per data set from a few seed-0 runs, as the paper tunes them per data
@@ -49,7 +49,7 @@ def main() -> int:
         tables[source] = (results, time.perf_counter() - start)
     print("\nMLC vs k-means vs spectral clustering (scores in %, mean +- std over seeds "
           f"{' '.join(map(str, seeds))}):")
-    from train.cluster import format_table
+    from train.tasks.cluster import format_table
 
     for source, (results, seconds) in tables.items():
         print(f"\n{source} ({seconds:.0f} s)\n{format_table(results)}")

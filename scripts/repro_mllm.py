@@ -14,7 +14,7 @@ mixing (LLaVA-MoLE's data conflict: plain LoRA loses more than MoLE, if the clai
 
 Stages 0 (a miniature stand-in for a pretrained LLM: the tiny Llama learns the demo's language from
 text-only records) and 1 (projector alignment on captions) run once and are shared by all stage-2 runs.
-Everything goes through the `mllm` task and train/loop.py, as `mmtune train` does.
+Everything goes through the `mllm` task and train/engine/loop.py, as `mmtune train` does.
 
     .venv/bin/python scripts/repro_mllm.py            # the reported table
     .venv/bin/python scripts/repro_mllm.py --quick    # a smoke run (tests/scripts)
@@ -49,7 +49,7 @@ TYPES = ["digit", "count", "color", "shape"]
 
 def recipe(args, root: Path, stage: str, name: str, train_file: str, eval_file: str, *, seed: int = 0,
            steps: int, lr: float, **model):
-    from train.config import recipe_from_dict
+    from train.engine.config import recipe_from_dict
 
     data = root / "data"
     raw = {"task": "mllm", "seed": seed,
@@ -64,14 +64,14 @@ def recipe(args, root: Path, stage: str, name: str, train_file: str, eval_file: 
 
 
 def run(recipe_obj) -> dict[str, float]:
-    from train.loop import train
+    from train.engine.loop import train
 
     return train(recipe_obj, say=lambda *_: None).eval_metrics
 
 
 def trainable_count(recipe_obj) -> int:
-    from train.loop import seed_everything
-    from train.task import get_task
+    from train.engine.loop import seed_everything
+    from train.engine.task import get_task
 
     seed_everything(recipe_obj.seed)
     task = get_task("mllm")(recipe_obj)

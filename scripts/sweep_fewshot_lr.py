@@ -34,8 +34,8 @@ def sweep(method: str, lrs: list[float], shots: list[int], seeds: list[int], set
     """lr -> validation accuracies (one per shot count and seed); ``settings``: the demo's (its cache)."""
     from data.fewshot import load_fewshot_data, sample_k_shot, select_classes
     from encoders.clip import create_clip
-    from train.demo import DEMO_MODEL, DemoSettings, export_digits, pretrained_checkpoint
-    from train.fewshot import (
+    from train.tasks.demo import DEMO_MODEL, DemoSettings, export_digits, pretrained_checkpoint
+    from train.tasks.fewshot import (
         DEFAULT_TEMPLATES,
         ImageCache,
         accuracy,
@@ -88,7 +88,7 @@ def main(argv: list[str] | None = None) -> str:
     args = parser.parse_args(argv)
     if args.quick:
         args.lrs, args.shots, args.seeds = args.lrs[:1], [1], args.seeds[:1]
-    from train.demo import DemoSettings
+    from train.tasks.demo import DemoSettings
 
     settings = DemoSettings(cache_dir=args.cache_dir, progress=False)
     scores = sweep(args.method, args.lrs, args.shots, args.seeds, settings, 3 if args.quick else None)

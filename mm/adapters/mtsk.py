@@ -18,7 +18,7 @@ carries. With one method, ``with mm.route(scale="a4_v2"): model(...)`` selects t
 adapted layer without touching the model's adapter state, the training loss over all scales is a
 plain loop over route blocks, and the global and specific LoRAs save, load and attach as one adapter
 with one config. The paper's training objective (the per-scale losses averaged each step) lives with
-the task that builds the scales (train/avsr_model.py), not here.
+the task that builds the scales (train/tasks/avsr_model.py), not here.
 
 Forward without a route (or with ``scale=None``) uses ``default_scale``; MS needs no scale at all.
 Merging folds in the update of the scale active at merge time (run ``mm.merge`` inside

@@ -24,7 +24,7 @@ def test_validation_pool_is_the_train_split_without_the_shots():
 
 @pytest.mark.slow
 def test_sweep_scores_every_lr_on_validation_images(tmp_path):
-    from train.demo import DemoSettings
+    from train.tasks.demo import DemoSettings
 
     sweep = load_sweep()
     lines: list[str] = []

@@ -9,7 +9,7 @@ import torch
 from toys import TinyMLP
 
 import mm
-from train.allora import ALLoRA, allora_coefficient, allora_lora_config
+from train.rules.allora import ALLoRA, allora_coefficient, allora_lora_config
 
 
 def _param(rows):

@@ -7,9 +7,9 @@ import torch
 
 import mm
 from mm.route import route
-from train.avsr_model import VocabTokenizer, pair_name, rate_pairs
-from train.config import load_recipe, recipe_from_dict
-from train.task import get_task
+from train.engine.config import load_recipe, recipe_from_dict
+from train.engine.task import get_task
+from train.tasks.avsr_model import VocabTokenizer, pair_name, rate_pairs
 
 PAIRS = ["a4_v2", "a4_v5", "a16_v2", "a16_v5"]
 
@@ -28,7 +28,7 @@ def raw_recipe(root, strategy="mss", **model) -> dict:
 
 
 def _model_config(model: dict):
-    from train.avsr_model import AVSRModelConfig
+    from train.tasks.avsr_model import AVSRModelConfig
 
     return AVSRModelConfig(**{k: v for k, v in model.items() if k in ("audio_rates", "video_rates")})
 
@@ -181,7 +181,7 @@ def test_recipes_load_with_their_pairs():
 def test_learns_to_use_the_audio_visual_tokens(root):
     """MSS trained on three tone utterances: the loss falls, and the true audio-visual tokens explain the
     transcripts better than the same tokens shuffled between utterances (the LM reads them)."""
-    from train.avsr_model import EncodedAV
+    from train.tasks.avsr_model import EncodedAV
 
     raw = raw_recipe(root)
     raw["model"]["llm"], raw["model"]["projector_hidden"] = {}, 64  # the default tiny LM: 2 layers, width 64

@@ -12,9 +12,9 @@ import pytest
 import torch
 from train_helpers import csv_losses, digits_recipe
 
-from train import checkpoint
-from train.checkpoint import complete_checkpoints, latest_checkpoint
-from train.loop import train
+from train.engine import checkpoint
+from train.engine.checkpoint import complete_checkpoints, latest_checkpoint
+from train.engine.loop import train
 
 
 def test_resume_from_a_checkpoint_continues_exactly(tmp_path):
@@ -50,7 +50,7 @@ def test_a_save_interrupted_anywhere_leaves_no_checkpoint_that_loads(tmp_path, m
             _arm_failure(monkeypatch, fail_at)
         return real_save(*args, **kwargs)
 
-    monkeypatch.setattr("train.loop.save_checkpoint", save_then_maybe_die)
+    monkeypatch.setattr("train.engine.loop.save_checkpoint", save_then_maybe_die)
     with pytest.raises(KeyboardInterrupt):
         train(recipe)
     root = tmp_path / "run" / "checkpoints"
@@ -111,7 +111,7 @@ def test_deepspeed_checkpoint_files_are_read_weights_only(tmp_path):
 
     from deepspeed.runtime.zero.config import ZeroStageEnum
 
-    from train.checkpoint import _weights_only_loads
+    from train.engine.checkpoint import _weights_only_loads
 
     engine = SimpleNamespace(checkpoint_engine=SimpleNamespace(load=None))
     _weights_only_loads(engine)

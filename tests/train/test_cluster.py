@@ -10,7 +10,7 @@ import pytest
 import yaml
 
 from mm.config import ConfigError
-from train.cluster import (
+from train.tasks.cluster import (
     ClusterDataConfig,
     cluster_accuracy,
     clustering_scores,

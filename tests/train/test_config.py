@@ -9,7 +9,7 @@ import pytest
 import yaml
 
 from mm.config import ConfigError
-from train.config import load_recipe, parse_override, save_resolved, validate_config_file
+from train.engine.config import load_recipe, parse_override, save_resolved, validate_config_file
 
 ROOT = Path(__file__).resolve().parents[2]
 CONFIGS = ROOT / "configs"
@@ -30,7 +30,7 @@ def test_resolved_recipes_round_trip(path, tmp_path):
 
 
 def test_deepspeed_configs_take_the_recipes_values():
-    from train.distributed import deepspeed_config
+    from train.engine.distributed import deepspeed_config
 
     recipe = load_recipe(DIGITS, ["train.batch_size=7", "train.grad_accum=3", "train.precision=bf16"])
     for path in sorted((CONFIGS / "deepspeed").glob("*.json")):
@@ -41,7 +41,7 @@ def test_deepspeed_configs_take_the_recipes_values():
 
 
 def test_launcher_configs_are_checked(tmp_path):
-    from train.distributed import validate_accelerate_config, validate_deepspeed_config
+    from train.engine.distributed import validate_accelerate_config, validate_deepspeed_config
 
     bad_ds = tmp_path / "configs" / "deepspeed" / "bad.json"
     bad_ds.parent.mkdir(parents=True)

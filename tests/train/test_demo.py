@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from train.demo import DemoSettings, multi_positive_clip_loss, run_demo
+from train.tasks.demo import DemoSettings, multi_positive_clip_loss, run_demo
 
 
 def test_multi_positive_loss_is_the_clip_loss_when_every_class_appears_once():

@@ -18,10 +18,10 @@ import torch
 from safetensors.torch import load_file
 from train_helpers import FAST, ROOT, csv_losses, digits_recipe
 
-from train.checkpoint import load_trainable
-from train.config import load_recipe
-from train.loop import train
-from train.task import DigitsClassification
+from train.engine.checkpoint import load_trainable
+from train.engine.config import load_recipe
+from train.engine.loop import train
+from train.tasks.digits import DigitsClassification
 
 STEPS = 8
 RUN = [f"train.max_steps={STEPS}", "train.save_every=4", "adapters.default.dropout=0.0"]

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import mm
-from train.config import load_recipe
+from train.engine.config import load_recipe
 
 CONFIGS = Path(__file__).resolve().parents[2] / "configs" / "eo"
 TINY = ["model.embed_dim=16", "model.depth=1", "model.num_heads=2", "data.fake_chips=12", "data.fake_size=16",
@@ -23,13 +23,13 @@ def chips(tmp_path_factory):
 
 @pytest.mark.parametrize("name", ["sar_only", "s2_only", "fused", "multilabel", "cluster"])
 def test_eo_recipes_validate(name):
-    from train.eo import validate_config
+    from train.tasks.eo import validate_config
 
     assert validate_config(str(CONFIGS / f"{name}.yaml")) is not None
 
 
 def test_eo_task_step_trains_only_adapters_and_heads(chips):
-    from train.task import get_task
+    from train.engine.task import get_task
 
     recipe = load_recipe(CONFIGS / "multilabel.yaml", [*TINY, f"data.fake_root={chips}"])
     task = get_task("eo")(recipe)
@@ -54,7 +54,7 @@ def test_recipe_without_adapters_or_data_is_an_error_naming_the_key(chips):
 
 @pytest.mark.slow
 def test_fused_recipe_trains_end_to_end(chips, tmp_path):
-    from train.loop import train
+    from train.engine.loop import train
 
     recipe = load_recipe(CONFIGS / "fused.yaml", [*TINY, f"data.fake_root={chips}", "train.max_steps=4",
                                                    f"train.out_dir={tmp_path}"])

@@ -9,7 +9,7 @@ import torch
 from toys import TinyMLP
 
 import mm
-from train.federated import (
+from train.rules.federated import (
     DPConfig,
     average_states,
     dp_sgd_step,

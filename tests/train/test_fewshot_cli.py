@@ -10,7 +10,7 @@ import pytest
 import yaml
 
 import mm
-from train.fewshot import DEFAULT_RECIPES, find_recipe, load_recipe
+from train.tasks.fewshot import DEFAULT_RECIPES, find_recipe, load_recipe
 
 ROOT = Path(__file__).resolve().parents[2]
 QUICK = {"lr": 1.0e-2, "batch_size": 8, "steps": 6}
@@ -108,13 +108,13 @@ def test_parameter_counts_block_lora_below_lora_at_the_same_rank(fewshot_run):
 def test_saved_adapters_reload_to_the_same_accuracy(fewshot_run):
     from data.fewshot import load_fewshot_data
     from encoders.clip import create_clip
-    from train.fewshot import ImageCache, accuracy, make_head
+    from train.tasks.fewshot import ImageCache, accuracy, make_head
 
     records = json.loads((fewshot_run["out"] / "fewshot_results.json").read_text())["records"]
     bundle = create_clip("tiny-test", str(fewshot_run["checkpoint"]))
     data = load_fewshot_data(fewshot_run["data"])
     test_x, test_y = ImageCache(bundle.preprocess).stack(data.split("test"))
-    from train.fewshot import load_trained
+    from train.tasks.fewshot import load_trained
 
     for method in ("lora", "block_lora", "qladder"):
         record = next(r for r in records if r["method"] == method and r["shots"] == 2 and r["seed"] == 2)

@@ -15,10 +15,10 @@ import pytest
 import torch
 from train_helpers import DIGITS, FAST, ROOT, csv_losses, digits_recipe
 
-from train.checkpoint import complete_checkpoints, load_trainable
-from train.config import load_recipe
-from train.loop import train
-from train.task import DigitsClassification
+from train.engine.checkpoint import complete_checkpoints, load_trainable
+from train.engine.config import load_recipe
+from train.engine.loop import train
+from train.tasks.digits import DigitsClassification
 
 STEPS = 150
 # Checkpoint every step so that the kill often lands inside a save; dropout makes the RNG state matter.

@@ -9,7 +9,7 @@ import torch
 from torch import nn
 from toys import tiny_gpt2, tiny_llama
 
-from train.lisa import LISA, find_layer_list
+from train.rules.lisa import LISA, find_layer_list
 
 
 class Stack(nn.Module):

@@ -11,10 +11,10 @@ import yaml
 from safetensors.torch import load_file
 from train_helpers import csv_losses, digits_recipe
 
-from train.config import OptimConfig, load_recipe
-from train.loop import NonFiniteLossError, batch_stream, lr_factor, train
-from train.run_log import read_metrics
-from train.task import DigitsClassification
+from train.engine.config import OptimConfig, load_recipe
+from train.engine.loop import NonFiniteLossError, batch_stream, lr_factor, train
+from train.engine.run_log import read_metrics
+from train.tasks.digits import DigitsClassification
 
 
 def test_schedule_warms_up_then_decays_to_the_floor():
@@ -65,7 +65,7 @@ def test_a_run_learns_and_writes_its_folder(tmp_path):
     evals = [r for r in read_metrics(folder / "metrics.csv") if r["split"] == "eval" and r["metric"] == "accuracy"]
     assert [r["step"] for r in evals] == [4, 8, 12] and evals[-1]["value"] > evals[0]["value"]
     # The saved adapters and head reproduce the trained model's evaluation on a fresh task.
-    from train.checkpoint import load_trainable
+    from train.engine.checkpoint import load_trainable
 
     fresh = DigitsClassification(load_recipe(folder / "config.yaml"))
     load_trainable(fresh, folder)
@@ -90,7 +90,7 @@ def test_clipping_bounds_the_update(tmp_path, clip_norm):
                            "optim.warmup_steps=0", "optim.schedule=constant", f"train.clip_norm={clip_norm or 'null'}")
     start = {n: p.detach().clone() for n, p in DigitsClassification(recipe).named_parameters() if p.requires_grad}
     train(recipe)
-    from train.checkpoint import load_trainable
+    from train.engine.checkpoint import load_trainable
 
     trained = DigitsClassification(recipe)
     load_trainable(trained, tmp_path / "run")
@@ -139,7 +139,7 @@ def test_mixture_adapters_add_and_log_their_balance_loss(tmp_path):
                                  "train.save_every=0", "train.max_steps=3", f"train.out_dir={tmp_path / 'run'}",
                                  "adapters.default.method=mixlora", mlp, "adapters.default.r=2",
                                  "adapters.default.num_experts=4", "adapters.default.aux_loss_coef=0.5"])
-    from train.task import get_task
+    from train.engine.task import get_task
 
     task = get_task(recipe.task)(recipe)
     batch = task.collate([task.train_dataset()[i] for i in range(4)])

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from train.metrics_text import EditCounts, align, char_error_rate, normalize_text, word_error_rate
+from train.tasks.metrics_text import EditCounts, align, char_error_rate, normalize_text, word_error_rate
 
 
 @pytest.mark.parametrize("ref, hyp, counts", [

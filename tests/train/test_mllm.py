@@ -19,8 +19,8 @@ from encoders.llm import IMAGE_TOKEN, TinyLLMConfig, tiny_llm, word_tokenizer
 from heads.mllm_projector import MLLMProjector
 from mm.qladder import QLadder, QLadderConfig
 from mm.route import current_route
-from train.config import recipe_from_dict
-from train.mllm import LlavaModel
+from train.engine.config import recipe_from_dict
+from train.tasks.mllm_model import LlavaModel
 
 TINY = {"hidden_size": 32, "intermediate_size": 64, "layers": 2, "heads": 4, "kv_heads": 2}
 
@@ -172,7 +172,7 @@ def test_three_stages_train_and_generate(tmp_path, capsys):
     from safetensors.torch import load_file
 
     from train.cli import main
-    from train.loop import train
+    from train.engine.loop import train
 
     text = train(recipe(tmp_path, "text", "text"))
     assert text.losses[4] < text.losses[1]
@@ -194,9 +194,9 @@ def test_three_stages_train_and_generate(tmp_path, capsys):
                  str(tmp_path / "data" / record["image"]), "--prompt", question])
     printed = capsys.readouterr().out.rstrip("\n")
     # The same answer as the trained task gives its own eval sample of that image and question:
-    from train.checkpoint import load_trainable
-    from train.config import load_recipe
-    from train.mllm_task import MLLMTask
+    from train.engine.checkpoint import load_trainable
+    from train.engine.config import load_recipe
+    from train.tasks.mllm import MLLMTask
 
     task = MLLMTask(load_recipe(tmp_path / "arcana" / "config.yaml"))
     load_trainable(task, tmp_path / "arcana")
@@ -206,7 +206,7 @@ def test_three_stages_train_and_generate(tmp_path, capsys):
 
 @pytest.mark.slow
 def test_mole_stage_adds_the_balance_loss(tmp_path):
-    from train.mllm_task import MLLMTask
+    from train.tasks.mllm import MLLMTask
 
     make_fake_instruct(tmp_path / "data", 6, seed=0)
     adapters = {"attn": {"method": "lora", "targets": ["q_proj"], "r": 2},
@@ -225,7 +225,7 @@ def test_mole_stage_adds_the_balance_loss(tmp_path):
 
 
 def test_missing_earlier_stage_and_bad_vision_layer_are_named(tmp_path):
-    from train.mllm_task import MLLMTask
+    from train.tasks.mllm import MLLMTask
 
     make_fake_instruct(tmp_path / "data", 2, seed=0)
     with pytest.raises(mm.ConfigError, match=r"key 'model.vision_layer' is 5; the tower 'tiny-test' has 2 blocks"):

@@ -11,8 +11,8 @@ from toys import tiny_llama
 
 import mm
 from mm.quant import dequantised_weight, is_quantised_linear
-from train.config import QuantConfig
-from train.quant import quantize_linears
+from train.engine.config import QuantConfig
+from train.engine.quant import quantize_linears
 
 ROOT = Path(__file__).resolve().parents[2]
 TARGETS = ["q_proj", "v_proj", "down_proj"]
@@ -80,8 +80,8 @@ def test_merge_into_quantised_base_dequantises_and_says_so(mode):
 
 
 def test_adamw8bit_steps_and_its_state_reloads_weights_only(tmp_path):
-    from train.config import OptimConfig
-    from train.loop import build_optimizer
+    from train.engine.config import OptimConfig
+    from train.engine.loop import build_optimizer
 
     param = torch.nn.Parameter(torch.randn(64, 64))
     optimizer = build_optimizer([param], OptimConfig(name="adamw8bit", lr=1e-2))
@@ -108,8 +108,8 @@ def _saved_llama(folder, hidden: int = 64):
 
 
 def test_causal_lm_task_loads_a_local_model_in_4bit(tmp_path):
-    from train.config import load_recipe
-    from train.task import CausalLM
+    from train.engine.config import load_recipe
+    from train.tasks.lm import CausalLM
 
     folder = _saved_llama(tmp_path / "tiny-llama")
     recipe = load_recipe(ROOT / "configs/tiny/llama_qlora.yaml", [f"model.path={folder}", "data.train_size=8"])

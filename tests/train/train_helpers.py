@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from train.config import Recipe, load_recipe
-from train.run_log import read_metrics
+from train.engine.config import Recipe, load_recipe
+from train.engine.run_log import read_metrics
 
 ROOT = Path(__file__).resolve().parents[2]
 DIGITS = ROOT / "configs" / "tiny" / "digits_lora.yaml"

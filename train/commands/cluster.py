@@ -1,4 +1,4 @@
-"""``mmtune cluster --config configs/eo/cluster.yaml``: MLC vs k-means vs spectral clustering (train/cluster.py)."""
+"""``mmtune cluster --config configs/eo/cluster.yaml``: MLC vs k-means vs spectral clustering (train/tasks/cluster.py)."""
 
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
 
 
 def run(args: argparse.Namespace) -> int:
-    from train.cluster import load_cluster_recipe, run_clustering
+    from train.tasks.cluster import load_cluster_recipe, run_clustering
 
     run_clustering(load_cluster_recipe(args.config, args.overrides))
     return 0

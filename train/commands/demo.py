@@ -1,4 +1,4 @@
-"""``mmtune demo``: the offline end-to-end example (see train/demo.py): pretrain a tiny CLIP on digit
+"""``mmtune demo``: the offline end-to-end example (see train/tasks/demo.py): pretrain a tiny CLIP on digit
 captions of the base classes (cached), then few-shot methods on the novel classes, printing the table."""
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
 
 
 def run(args: argparse.Namespace) -> int:
-    from train.demo import DemoSettings, run_demo
+    from train.tasks.demo import DemoSettings, run_demo
 
     settings = DemoSettings(shots=args.shots, seeds=args.seeds, methods=args.methods, cache_dir=args.cache_dir,
                             out_dir=args.out_dir, progress=not args.no_progress)

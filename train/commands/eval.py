@@ -32,9 +32,9 @@ def evaluate_run(recipe, run_dir, snrs: list[float], batch_size: int) -> dict[st
 
     import torch
 
-    from train.checkpoint import load_trainable
-    from train.loop import eval_batches, seed_everything
-    from train.task import get_task
+    from train.engine.checkpoint import load_trainable
+    from train.engine.loop import eval_batches, seed_everything
+    from train.engine.task import get_task
 
     run_dir = Path(run_dir)
     if not (run_dir / "adapters.safetensors").is_file() and not (run_dir / "trainable.safetensors").is_file():
@@ -77,7 +77,7 @@ def run(args: argparse.Namespace) -> int:
     import sys
 
     from mm.config import ConfigError
-    from train.config import load_recipe
+    from train.engine.config import load_recipe
 
     try:
         recipe = load_recipe(args.config, args.overrides)

@@ -35,7 +35,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
 
 def settings_from_args(args: argparse.Namespace):
     from heads.clip_prototype import DEFAULT_TEMPLATES
-    from train.fewshot import DEFAULT_RECIPES, FewShotSettings
+    from train.tasks.fewshot import DEFAULT_RECIPES, FewShotSettings
 
     return FewShotSettings(
         model=args.model, pretrained=args.pretrained, data=args.data, shots=args.shots, methods=args.methods,
@@ -46,8 +46,8 @@ def settings_from_args(args: argparse.Namespace):
 
 
 def run(args: argparse.Namespace) -> int:
-    from train.fewshot import run_fewshot
-    from train.fewshot_report import markdown_table, summarize, write_reports
+    from train.tasks.fewshot import run_fewshot
+    from train.tasks.fewshot_report import markdown_table, summarize, write_reports
 
     settings = settings_from_args(args)
     results = run_fewshot(settings)

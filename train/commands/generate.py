@@ -30,7 +30,7 @@ def run(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     from mm.config import ConfigError
-    from train.config import load_recipe
+    from train.engine.config import load_recipe
 
     try:
         recipe = load_recipe(args.config, args.overrides)
@@ -55,9 +55,9 @@ def answer(recipe, folder, prompt: str, image_path: str | None, max_new_tokens: 
     from PIL import Image
 
     from data.instruct import IMAGE_TOKEN, encode_prompt
-    from train.checkpoint import load_trainable
-    from train.loop import seed_everything
-    from train.task import get_task
+    from train.engine.checkpoint import load_trainable
+    from train.engine.loop import seed_everything
+    from train.engine.task import get_task
 
     seed_everything(recipe.seed)  # random-init parts (if any) come out as in training
     task = get_task(recipe.task)(recipe)

@@ -1,4 +1,4 @@
-"""``mmtune train --config configs/<track>/<recipe>.yaml key=value ...``: run a recipe (see train/loop.py)."""
+"""``mmtune train --config configs/<track>/<recipe>.yaml key=value ...``: run a recipe (see train/engine/loop.py)."""
 
 from __future__ import annotations
 
@@ -23,7 +23,7 @@ def run(args: argparse.Namespace) -> int:
     import yaml
 
     from mm.config import ConfigError
-    from train.config import load_recipe
+    from train.engine.config import load_recipe
 
     try:
         recipe = load_recipe(args.config, args.overrides)
@@ -33,7 +33,7 @@ def run(args: argparse.Namespace) -> int:
     if args.check:
         print(yaml.safe_dump(recipe.to_dict(), sort_keys=False), end="")
         return 0
-    from train.loop import NonFiniteLossError, train
+    from train.engine.loop import NonFiniteLossError, train
 
     try:
         train(recipe)

@@ -19,9 +19,16 @@ import torch
 import mm
 from data.avsr import AVSRDataConfig, AVSRDataset, collate_avsr, read_transcript
 from data.fake_av import FakeAVConfig
-from train.avsr_model import AVSRModel, AVSRModelConfig, HFTokenizer, VocabTokenizer, build_lm, rate_pairs
-from train.metrics_text import char_error_rate, word_error_rate
-from train.task import TASKS, AdapterTask
+from train.engine.task import TASKS, AdapterTask
+from train.tasks.avsr_model import (
+    AVSRModel,
+    AVSRModelConfig,
+    HFTokenizer,
+    VocabTokenizer,
+    build_lm,
+    rate_pairs,
+)
+from train.tasks.metrics_text import char_error_rate, word_error_rate
 
 
 @TASKS.register("avsr")

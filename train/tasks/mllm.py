@@ -32,8 +32,8 @@ from data.instruct import (
     read_records,
 )
 from encoders.llm import TinyLLMConfig
-from train.mllm import LlavaModel
-from train.task import TASKS, AdapterTask
+from train.engine.task import TASKS, AdapterTask
+from train.tasks.mllm_model import LlavaModel
 
 
 @dataclass

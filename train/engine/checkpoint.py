@@ -25,8 +25,8 @@ from torch import nn
 
 import mm
 from mm.state import atomic_write
-from train.config import Recipe, save_resolved
-from train.distributed import gathered, is_deepspeed
+from train.engine.config import Recipe, save_resolved
+from train.engine.distributed import gathered, is_deepspeed
 
 STEP_DIR = re.compile(r"step-(\d{8})")
 

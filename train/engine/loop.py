@@ -24,11 +24,17 @@ import numpy as np
 import torch
 
 from mm.config import ConfigError
-from train.checkpoint import TrainState, latest_checkpoint, load_checkpoint, save_checkpoint, save_trainable
-from train.config import OptimConfig, Recipe, save_resolved
-from train.distributed import is_deepspeed, make_accelerator, rank_disagreement, zero_stage
-from train.run_log import RunLog
-from train.task import get_task
+from train.engine.checkpoint import (
+    TrainState,
+    latest_checkpoint,
+    load_checkpoint,
+    save_checkpoint,
+    save_trainable,
+)
+from train.engine.config import OptimConfig, Recipe, save_resolved
+from train.engine.distributed import is_deepspeed, make_accelerator, rank_disagreement, zero_stage
+from train.engine.run_log import RunLog
+from train.engine.task import get_task
 
 
 class NonFiniteLossError(RuntimeError):

@@ -5,7 +5,7 @@ L2-normalised image features, as in the CLIP paper) and any recipe ``<recipes>/<
 attached to the CLIP (through the adapter registry: lora, block_lora, ...), a QLadder beside the vision
 tower, or both, trained with cross-entropy on the prototype head's logits (CLIP-LoRA's protocol, without its
 random-crop/flip augmentation: every image is preprocessed once, as for evaluation). Every method sees the
-same K-shot sample for a given (shots, seed). Reports: ``train.fewshot_report``.
+same K-shot sample for a given (shots, seed). Reports: ``train.tasks.fewshot_report``.
 """
 
 from __future__ import annotations

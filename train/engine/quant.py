@@ -13,7 +13,7 @@ from torch import nn
 
 from mm.layer import AdaptedLinear
 from mm.quant import is_quantised_linear
-from train.config import QuantConfig
+from train.engine.config import QuantConfig
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 

@@ -16,7 +16,7 @@ import torch
 import mm
 from data.fake_geotiff import EODataConfig, ensure_chips
 from data.m3leo import REGRESSION_LABELS, WORLDCOVER_CODES
-from train.task import TASKS, AdapterTask
+from train.engine.task import TASKS, AdapterTask
 
 
 @dataclass
@@ -134,12 +134,12 @@ def validate_config(path: str) -> Any:
     """Validator of configs/eo/: clustering recipes (``task: cluster``) or training recipes (``task: eo``)."""
     import yaml
 
-    from train.config import load_recipe
+    from train.engine.config import load_recipe
 
     with open(path) as handle:
         task = (yaml.safe_load(handle) or {}).get("task")
     if task == "cluster":
-        from train.cluster import load_cluster_recipe
+        from train.tasks.cluster import load_cluster_recipe
 
         return load_cluster_recipe(path)
     return load_recipe(path)

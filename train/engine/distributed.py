@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from mm.config import ConfigError
-from train.config import Recipe
+from train.engine.config import Recipe
 
 
 def launched_distributed() -> bool:

@@ -26,7 +26,7 @@ from encoders.audio import AudioEncoderConfig
 from encoders.video import VideoEncoderConfig, tiny_video_config
 from heads.projector import MultiRateProjector
 from mm.route import route
-from train.metrics_text import normalize_text
+from train.tasks.metrics_text import normalize_text
 
 IGNORE = -100
 

@@ -1,7 +1,7 @@
 """Recipes: ``configs/<track>/<recipe>.yaml`` read into typed dataclasses, with ``key=value`` overrides.
 
 A recipe has the generic sections below (``optim``, ``train``, ``quant``, ``adapters``) plus the
-sections its task declares (``model``, ``data``, ...: see ``train.task.Task.sections``). Every key is
+sections its task declares (``model``, ``data``, ...: see ``train.engine.task.Task.sections``). Every key is
 checked: an unknown key or a value of the wrong type is a ``ConfigError`` naming the key and the file.
 Torch is not imported here, so validating a config is cheap.
 """
@@ -229,7 +229,7 @@ def load_recipe(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -
 
 
 def recipe_from_dict(raw: dict[str, Any], *, name: str, source: str) -> Recipe:
-    from train.task import get_task  # late: tasks import torch
+    from train.engine.task import get_task  # late: tasks import torch
 
     raw = dict(raw)
     task_name = raw.pop("task", None)
@@ -287,10 +287,10 @@ def check_recipe(recipe: Recipe) -> None:
 #: Config files under configs/ that are not ``mmtune train`` recipes: top-level folder -> "module:function"
 #: that loads and validates one file (raising on a bad one). A track with its own format adds a line.
 CONFIG_VALIDATORS: dict[str, str] = {
-    "accelerate": "train.distributed:validate_accelerate_config",
-    "deepspeed": "train.distributed:validate_deepspeed_config",
-    "clip": "train.fewshot:load_recipe",  # few-shot method recipes (mmtune fewshot)
-    "eo": "train.eo:validate_config",  # EO training (task: eo) and clustering (task: cluster) recipes
+    "accelerate": "train.engine.distributed:validate_accelerate_config",
+    "deepspeed": "train.engine.distributed:validate_deepspeed_config",
+    "clip": "train.tasks.fewshot:load_recipe",  # few-shot method recipes (mmtune fewshot)
+    "eo": "train.tasks.eo:validate_config",  # EO training (task: eo) and clustering (task: cluster) recipes
 }
 
 

@@ -109,7 +109,7 @@ def pretrained_checkpoint(settings: DemoSettings, data_dir: Path, log: Callable[
 
     from data.fewshot import base_novel_classes, load_fewshot_data, restrict_classes
     from encoders.clip import create_clip, save_clip_weights
-    from train.fewshot import ImageCache
+    from train.tasks.fewshot import ImageCache
 
     path = Path(settings.cache_dir) / f"{DEMO_MODEL}_digits_base.safetensors"
     if path.is_file():
@@ -142,8 +142,8 @@ def run_demo(settings: DemoSettings, log: Callable[[str], None] = print) -> dict
 def _run_demo(settings: DemoSettings, log: Callable[[str], None]) -> dict:
     from encoders.clip import create_clip
     from heads.clip_prototype import ClipPrototypeHead
-    from train.fewshot import FewShotSettings, ImageCache, accuracy, run_fewshot
-    from train.fewshot_report import markdown_table, summarize, write_reports
+    from train.tasks.fewshot import FewShotSettings, ImageCache, accuracy, run_fewshot
+    from train.tasks.fewshot_report import markdown_table, summarize, write_reports
 
     torch.manual_seed(settings.pretrain_seed)
     data_dir = export_digits(Path(settings.cache_dir) / "digits")
