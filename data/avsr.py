@@ -27,13 +27,14 @@ import numpy as np
 import torch
 
 from mm.config import ConfigError
+from mm.errors import MMTuneError
 
 SAMPLE_RATE = 16_000
 AUDIO_SUFFIXES = (".wav", ".flac")
 VIDEO_SUFFIXES = (".npy", ".mp4")
 
 
-class AVSRDataError(ValueError):
+class AVSRDataError(MMTuneError, ValueError):
     """An utterance cannot be used; the message names the file and why."""
 
 

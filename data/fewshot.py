@@ -28,11 +28,13 @@ from typing import Any
 
 import numpy as np
 
+from mm.errors import MMTuneError
+
 IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm"})
 SPLITS = ("train", "val", "test")
 
 
-class FewShotDataError(ValueError):
+class FewShotDataError(MMTuneError, ValueError):
     """A listing, label or image of a few-shot dataset is wrong; the message names the file."""
 
 

@@ -27,13 +27,15 @@ from typing import Any, Literal
 
 import torch
 
+from mm.errors import MMTuneError
+
 IMAGE_TOKEN = "<image>"
 IGNORE_INDEX = -100
 HUMAN_ROLES, GPT_ROLES = ("human", "user"), ("gpt", "assistant")
 META_KEYS = ("type", "style")
 
 
-class InstructDataError(ValueError):
+class InstructDataError(MMTuneError, ValueError):
     """A data file or record is unusable; the message names the file, the record id and the problem."""
 
 

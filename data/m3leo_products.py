@@ -9,6 +9,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
+from mm.errors import MMTuneError
+
 SEASONS = ("winter", "spring", "summer", "fall")
 S1GRD_BANDS = tuple(f"{s}_{p}{d}" for s in SEASONS for p in ("vv", "vh") for d in ("asc", "des"))
 GSSIC_BANDS = tuple(f"{s}_coh{days}" for s in SEASONS for days in (12, 24, 36, 48))
@@ -27,7 +29,7 @@ WORLDCOVER_CLASSES = (
 WORLDCOVER_CODES = tuple(code for code, _ in WORLDCOVER_CLASSES)
 
 
-class M3LEOError(ValueError):
+class M3LEOError(MMTuneError, ValueError):
     """A chip or split file is unreadable or malformed; the message names the file (``path``)."""
 
     def __init__(self, path: str | Path, problem: str) -> None:

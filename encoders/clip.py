@@ -24,6 +24,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from mm.errors import MMTuneError
 from mm.qladder import QLadder, QLadderConfig
 
 #: Adapter targets: q, k, v of every attention layer of both towers.
@@ -48,11 +49,11 @@ TINY_CONFIGS: dict[str, dict[str, Any]] = {
 CHECKPOINT_SUFFIXES = (".safetensors", ".pt", ".pth", ".bin")
 
 
-class CheckpointError(ValueError):
+class CheckpointError(MMTuneError, ValueError):
     """A local checkpoint is missing, unreadable or does not fit the model; the message names the file."""
 
 
-class PretrainedUnavailableError(RuntimeError):
+class PretrainedUnavailableError(MMTuneError, RuntimeError):
     """A pretrained tag needs the hub, which is not reachable; the message says to pass a local path."""
 
 

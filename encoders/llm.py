@@ -16,6 +16,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from mm.errors import MMTuneError
+
 #: The placeholder an MLLM prompt carries where the image's tokens go.
 IMAGE_TOKEN = "<image>"
 #: Special tokens of the word-level tokenizer (pad first: id 0).
@@ -27,7 +29,7 @@ ATTENTION_TARGETS = {"llama": ["q_proj", "k_proj", "v_proj", "o_proj"], "gpt2": 
 MLP_TARGETS = {"llama": ["gate_proj", "up_proj", "down_proj"], "gpt2": ["c_fc", "mlp.c_proj"]}
 
 
-class LLMLoadError(RuntimeError):
+class LLMLoadError(MMTuneError, RuntimeError):
     """The model or tokenizer could not be loaded; the message names the path or name and what to do."""
 
 

@@ -8,6 +8,7 @@
 from mm.adapters import ADAPTERS, Adapter, NotMergeableError
 from mm.adapters.lora import LoRAConfig
 from mm.config import AdapterConfig, ConfigError
+from mm.errors import MMTuneError
 from mm.layer import AdaptedLinear
 from mm.merge import merge, unmerge
 from mm.peft_format import export_peft, import_peft
@@ -35,6 +36,7 @@ def list_adapters() -> dict[str, str]:
 
 __all__ = [
     "ADAPTERS", "Adapter", "AdaptedLinear", "AdapterConfig", "AdapterStateError", "AttachError", "ConfigError",
+    "MMTuneError",
     "LoRAConfig", "NotMergeableError", "TrainableReport", "active_adapters", "adapted_layers", "adapter_config",
     "adapter_names", "attach", "delete_adapter", "disable_adapters", "export_peft", "import_peft",
     "list_adapters", "load_adapters", "merge", "route", "save_adapters", "select_targets", "set_active",

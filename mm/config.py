@@ -8,8 +8,10 @@ import typing
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
+from mm.errors import MMTuneError
 
-class ConfigError(ValueError):
+
+class ConfigError(MMTuneError, ValueError):
     """A config key is unknown, missing or of the wrong type; the message names it."""
 
 

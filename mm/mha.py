@@ -12,10 +12,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from mm.errors import MMTuneError
+
 PROJECTIONS = ("q_proj", "k_proj", "v_proj", "out_proj")
 
 
-class UnsupportedModuleError(TypeError):
+class UnsupportedModuleError(MMTuneError, TypeError):
     """A module cannot be adapted as configured; the message names it and why."""
 
 

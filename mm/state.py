@@ -18,13 +18,14 @@ from safetensors.torch import save_file
 from torch import nn
 
 from mm.config import AdapterConfig
+from mm.errors import MMTuneError
 from mm.wrap import adapted_layers, adapter_names, attach, delete_adapter
 
 FORMAT = "mmtune.adapters"
 FORMAT_VERSION = "1"
 
 
-class AdapterStateError(ValueError):
+class AdapterStateError(MMTuneError, ValueError):
     """A checkpoint does not fit the model (missing, unexpected or mis-shaped keys) or is not ours."""
 
 

@@ -10,11 +10,12 @@ from collections.abc import Iterator
 from torch import nn
 
 from mm.config import AdapterConfig
+from mm.errors import MMTuneError
 from mm.layer import AdaptedLinear, is_linear_like, linear_features, weight_out_in
 from mm.mha import PROJECTIONS, SplitMultiheadAttention
 
 
-class AttachError(ValueError):
+class AttachError(MMTuneError, ValueError):
     """Targets match nothing, or an adapter name is invalid or taken; the message says which."""
 
 

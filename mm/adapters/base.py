@@ -6,13 +6,14 @@ import torch
 from torch import nn
 from torch.autograd.function import once_differentiable
 
+from mm.errors import MMTuneError
 from mm.registry import Registry
 
 #: Adapter methods by name -> their config class (each config builds its module).
 ADAPTERS: Registry[type] = Registry("adapter method")
 
 
-class NotMergeableError(RuntimeError):
+class NotMergeableError(MMTuneError, RuntimeError):
     """The adapter's update is not a fixed weight delta (e.g. a routed mixture), so it cannot be merged."""
 
 

@@ -22,14 +22,9 @@ def run(args: argparse.Namespace) -> int:
 
     import yaml
 
-    from mm.config import ConfigError
     from train.engine.config import load_recipe
 
-    try:
-        recipe = load_recipe(args.config, args.overrides)
-    except (ConfigError, FileNotFoundError) as err:
-        print(f"mmtune train: {err}", file=sys.stderr)
-        return 2
+    recipe = load_recipe(args.config, args.overrides)  # bad recipes: one line from train.cli, exit 2
     if args.check:
         print(yaml.safe_dump(recipe.to_dict(), sort_keys=False), end="")
         return 0
@@ -37,7 +32,7 @@ def run(args: argparse.Namespace) -> int:
 
     try:
         train(recipe)
-    except (NonFiniteLossError, ConfigError) as err:
+    except NonFiniteLossError as err:  # not the user's input: the run diverged (exit 1, not 2)
         print(f"mmtune train: {err}", file=sys.stderr)
         return 1
     return 0

@@ -24,6 +24,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 import mm
+from mm.errors import MMTuneError
 from mm.state import atomic_write
 from train.engine.config import Recipe, save_resolved
 from train.engine.distributed import gathered, is_deepspeed
@@ -41,7 +42,7 @@ class TrainState:
     world_size: int = 1
 
 
-class CheckpointError(RuntimeError):
+class CheckpointError(MMTuneError, RuntimeError):
     """A checkpoint is missing, incomplete or does not fit this run; the message names the folder."""
 
 

@@ -24,6 +24,7 @@ import numpy as np
 import torch
 
 from mm.config import ConfigError
+from mm.errors import MMTuneError
 from train.engine.checkpoint import (
     TrainState,
     latest_checkpoint,
@@ -37,7 +38,7 @@ from train.engine.run_log import RunLog
 from train.engine.task import get_task
 
 
-class NonFiniteLossError(RuntimeError):
+class NonFiniteLossError(MMTuneError, RuntimeError):
     """The loss became NaN or infinite; the message names the step and the checkpoint saved before it."""
 
 
