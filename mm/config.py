@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import dataclasses
+import math
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -36,6 +38,17 @@ def _type_ok(value: Any, annotation: Any) -> bool:
     if annotation is int:
         return isinstance(value, int) and not isinstance(value, bool)
     return isinstance(value, annotation)
+
+
+def _non_finite(value: Any, key: str) -> str | None:
+    """The dotted path of the first NaN/inf number in ``value`` (scalars, lists, dicts), else None."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return key
+    if isinstance(value, list | tuple):
+        return next((hit for i, v in enumerate(value) if (hit := _non_finite(v, f"{key}[{i}]"))), None)
+    if isinstance(value, dict):
+        return next((hit for k, v in value.items() if (hit := _non_finite(v, f"{key}.{k}"))), None)
+    return None
 
 
 @dataclass
@@ -80,6 +93,17 @@ class AdapterConfig:
                     f"{self.method or type(self).__name__}: key {f.name!r} expects {hints[f.name]}, "
                     f"got {value!r} ({type(value).__name__})"
                 )
+            # NaN passes every range check (all comparisons are False) and makes every output NaN.
+            bad = _non_finite(value, f.name)
+            if bad is not None:
+                raise ConfigError(f"{self.method or type(self).__name__}: key {bad!r} must be a finite "
+                                  f"number, got {value!r}")
+        if self.target_regex is not None:
+            try:
+                re.compile(self.target_regex)
+            except re.error as err:
+                raise ConfigError(f"{self.method}: key 'target_regex' {self.target_regex!r} is not a valid "
+                                  f"regular expression ({err})") from None
         if not (self.targets or self.target_regex):
             raise ConfigError(f"{self.method}: give 'targets' or 'target_regex' (which modules to adapt)")
         if self.r < 1:

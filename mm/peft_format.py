@@ -16,10 +16,11 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from mm.adapters.lora import LoRA, LoRAConfig
+from mm.config import ConfigError
 from mm.layer import is_conv1d
 from mm.mha import SplitMultiheadAttention
-from mm.state import AdapterStateError, atomic_write
-from mm.wrap import adapted_layers, adapter_config, attach, delete_adapter
+from mm.state import AdapterStateError, atomic_write, check_finite
+from mm.wrap import AttachError, adaptable_layers, adapted_layers, adapter_config, attach, delete_adapter
 
 PEFT_PREFIX = "base_model.model."
 CONFIG_FILE = "adapter_config.json"
@@ -70,19 +71,26 @@ def import_peft(model: nn.Module, directory: str | os.PathLike, name: str = "def
     weights_path = directory / WEIGHTS_FILE
     if not weights_path.is_file():
         raise FileNotFoundError(f"{weights_path}: missing (only safetensors PEFT adapters are read)")
-    tensors = load_file(str(weights_path))
+    try:
+        tensors = load_file(str(weights_path))
+    except Exception as err:  # safetensors raises its own error types for corrupt files
+        raise AdapterStateError(f"{weights_path}: not a readable safetensors file ({err})") from None
+    check_finite(tensors, weights_path)
     layers: dict[str, dict[str, torch.Tensor]] = {}
     for key, tensor in tensors.items():
         found = re.fullmatch(rf"{re.escape(PEFT_PREFIX)}(.+)\.(lora_A|lora_B)(?:\.[^.]+)?\.weight", key)
         if found is None:
             raise AdapterStateError(f"{weights_path}: key {key!r} is not a PEFT LoRA A/B weight")
         layers.setdefault(found.group(1), {})[found.group(2)] = tensor
-    config = LoRAConfig(
-        target_regex="|".join(re.escape(n) for n in layers), r=int(peft_config["r"]),
-        alpha=float(peft_config["lora_alpha"]), dropout=float(peft_config.get("lora_dropout") or 0.0),
-        rslora=bool(peft_config.get("use_rslora", False)),
-    )
-    attach(model, config, name)
+    if not layers:
+        raise AdapterStateError(f"{weights_path}: holds no LoRA weights")
+    config = _lora_config(peft_config, layers, directory / CONFIG_FILE)
+    try:
+        attach(model, config, name)
+    except AttachError as err:
+        lacking = sorted(set(layers) - set(adaptable_layers(model)))
+        raise AdapterStateError(f"{weights_path}: LoRA weights for modules the model lacks "
+                                f"({', '.join(lacking[:6])}{' ...' if len(lacking) > 6 else ''}); {err}") from None
     try:
         _fill(model, name, layers, weights_path)
     except AdapterStateError:
@@ -91,10 +99,31 @@ def import_peft(model: nn.Module, directory: str | os.PathLike, name: str = "def
     return model
 
 
+def _lora_config(peft_config: dict, layers: dict, path: Path) -> LoRAConfig:
+    """Our LoRA config for exactly the layers the weights hold; a missing or ill-typed key names ``path``."""
+    for key, kinds in (("r", int), ("lora_alpha", int | float)):
+        value = peft_config.get(key)
+        if isinstance(value, bool) or not isinstance(value, kinds):
+            raise AdapterStateError(f"{path}: key {key!r} must be a number, got {value!r}")
+    try:
+        return LoRAConfig(
+            target_regex="|".join(re.escape(n) for n in layers), r=int(peft_config["r"]),
+            alpha=float(peft_config["lora_alpha"]), dropout=float(peft_config.get("lora_dropout") or 0.0),
+            rslora=bool(peft_config.get("use_rslora", False)),
+        )
+    except ConfigError as err:
+        raise ConfigError(f"{path}: {err}") from None
+
+
 def _read_peft_config(path: Path) -> dict:
     if not path.is_file():
         raise FileNotFoundError(f"{path}: missing PEFT adapter config")
-    config = json.loads(path.read_text())
+    try:
+        config = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise AdapterStateError(f"{path}: not valid JSON ({err})") from None
+    if not isinstance(config, dict):
+        raise AdapterStateError(f"{path}: expected a JSON object, got {type(config).__name__}")
     if config.get("peft_type") != "LORA":
         raise AdapterStateError(f"{path}: key 'peft_type' is {config.get('peft_type')!r}, expected 'LORA'")
     for key, plain in _UNSUPPORTED.items():

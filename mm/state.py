@@ -6,6 +6,7 @@ Keys are ``"<adapter>/<layer path>.<tensor>"``; the metadata holds every adapter
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import tempfile
@@ -19,10 +20,12 @@ from torch import nn
 
 from mm.config import AdapterConfig
 from mm.errors import MMTuneError
-from mm.wrap import adapted_layers, adapter_names, attach, delete_adapter
+from mm.wrap import AttachError, adapted_layers, adapter_names, attach, delete_adapter
 
 FORMAT = "mmtune.adapters"
 FORMAT_VERSION = "1"
+#: Metadata key of the sha256 over the file's tensors (see ``tensors_checksum``); files from older mmtune lack it.
+CHECKSUM_KEY = "tensors_sha256"
 
 
 class AdapterStateError(MMTuneError, ValueError):
@@ -35,6 +38,7 @@ def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
+    os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; the file should follow the umask as open() would
     try:
         write(tmp)
         with open(tmp, "rb") as handle:
@@ -44,6 +48,31 @@ def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> Path:
         Path(tmp).unlink(missing_ok=True)
         raise
     return path
+
+
+def _umask() -> int:
+    mask = os.umask(0)  # the only way to read it is to set it
+    os.umask(mask)
+    return mask
+
+
+def tensors_checksum(tensors: dict[str, torch.Tensor]) -> str:
+    """sha256 over every tensor's name, dtype, shape and bytes, in name order: a flipped bit changes it."""
+    digest = hashlib.sha256()
+    for key in sorted(tensors):
+        tensor = tensors[key].detach().to("cpu").contiguous()
+        digest.update(f"{key}\0{tensor.dtype}\0{tuple(tensor.shape)}\0".encode())
+        digest.update(tensor.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
+def check_finite(tensors: dict[str, torch.Tensor], source: str | os.PathLike) -> None:
+    """Refuse NaN/inf in loaded tensors: one would make every output NaN, silently."""
+    for key, tensor in tensors.items():
+        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+            count = int((~torch.isfinite(tensor)).sum())
+            raise AdapterStateError(f"{source}: tensor {key!r} holds {count} NaN/inf value(s); expected finite "
+                                    "numbers (was the run that wrote it diverging?)")
 
 
 def adapter_state(model: nn.Module, name: str) -> dict[str, torch.Tensor]:
@@ -68,14 +97,18 @@ def save_adapters(model: nn.Module, path: str | os.PathLike, names: list[str] | 
         configs[name] = adapter_config(model, name).to_dict()
         for key, tensor in adapter_state(model, name).items():
             tensors[f"{name}/{key}"] = tensor.detach().to("cpu").contiguous().clone()
-    metadata = {"format": FORMAT, "format_version": FORMAT_VERSION, "adapters": json.dumps(configs)}
+    metadata = {"format": FORMAT, "format_version": FORMAT_VERSION, "adapters": json.dumps(configs),
+                CHECKSUM_KEY: tensors_checksum(tensors)}
     return atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=metadata))
 
 
 def read_tagged_safetensors(
     path: str | os.PathLike, expected_format: str, what: str = "adapter"
 ) -> tuple[dict[str, str], dict[str, torch.Tensor]]:
-    """Metadata and tensors of a safetensors file whose metadata 'format' must be ``expected_format``."""
+    """Metadata and tensors of a safetensors file whose metadata 'format' must be ``expected_format``.
+
+    The tensors' checksum is verified where the file carries one, and every float tensor must be finite.
+    """
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no such {what} file")
@@ -88,13 +121,25 @@ def read_tagged_safetensors(
     if metadata.get("format") != expected_format:
         raise AdapterStateError(
             f"{path}: metadata 'format' is {metadata.get('format')!r}, expected {expected_format!r}")
+    expected = metadata.get(CHECKSUM_KEY)
+    if expected is not None and tensors_checksum(tensors) != expected:
+        raise AdapterStateError(f"{path}: tensor checksum mismatch: the file changed after it was written "
+                                f"(corrupt copy or disk?); metadata {CHECKSUM_KEY!r} is {expected[:12]}...")
+    check_finite(tensors, path)
     return metadata, tensors
 
 
 def read_adapter_file(path: str | os.PathLike) -> tuple[dict[str, AdapterConfig], dict[str, torch.Tensor]]:
     """Configs and tensors of an mmtune adapter file; errors name the file and what is wrong."""
     metadata, tensors = read_tagged_safetensors(path, FORMAT)
-    raw = json.loads(metadata["adapters"])
+    if "adapters" not in metadata:
+        raise AdapterStateError(f"{path}: metadata has no 'adapters' key (the adapters' configs as JSON)")
+    try:
+        raw = json.loads(metadata["adapters"])
+    except json.JSONDecodeError as err:
+        raise AdapterStateError(f"{path}: metadata 'adapters' is not valid JSON ({err})") from None
+    if not isinstance(raw, dict) or not all(isinstance(cfg, dict) for cfg in raw.values()):
+        raise AdapterStateError(f"{path}: metadata 'adapters' must map adapter names to config objects")
     configs = {name: AdapterConfig.from_dict(cfg, source=f"{path} adapter {name!r}") for name, cfg in raw.items()}
     return configs, tensors
 
@@ -113,7 +158,7 @@ def load_adapters(model: nn.Module, path: str | os.PathLike, names: list[str] | 
     for name in names:
         attached_here = name not in adapter_names(model)
         if attached_here:
-            attach(model, configs[name], name)
+            _attach_for_file(model, configs[name], name, tensors, path)
         prefix = f"{name}/"
         file_state = {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
         try:
@@ -123,6 +168,17 @@ def load_adapters(model: nn.Module, path: str | os.PathLike, names: list[str] | 
                 delete_adapter(model, name)
             raise
     return model
+
+
+def _attach_for_file(model: nn.Module, config: AdapterConfig, name: str, tensors: dict[str, torch.Tensor],
+                     path: str | os.PathLike) -> None:
+    """Attach ``name`` as saved; a file made for other module names is refused naming it and the modules."""
+    try:
+        attach(model, config, name)
+    except AttachError as err:
+        layers = sorted({key[len(name) + 1:].rpartition(".")[0] for key in tensors if key.startswith(f"{name}/")})
+        raise AdapterStateError(f"{path}: adapter {name!r} was saved for modules the model lacks "
+                                f"({_preview(layers)}): {err}") from None
 
 
 def _copy_state(model: nn.Module, name: str, file_state: dict[str, torch.Tensor], path: str | os.PathLike) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 
 import pytest
 import torch
@@ -11,7 +12,14 @@ from toys import TOYS
 
 import mm
 
-peft = pytest.importorskip("peft")
+try:
+    import peft
+except ImportError:
+    # Parity with PEFT is the only check of LoRA's scaling against an outside reference: in CI its absence
+    # is an error, not a silent skip. Locally, without peft, the module skips.
+    if os.environ.get("CI", "").lower() in ("1", "true", "yes"):
+        raise ImportError("peft is required in CI (CI=true): the PEFT parity tests must run") from None
+    pytest.skip("peft is not installed", allow_module_level=True)
 
 PARITY_TOYS = ["mlp", "llama", "gpt2"]  # gpt2 covers transformers' Conv1D (fan_in_fan_out)
 
@@ -70,5 +78,7 @@ def test_import_of_layers_the_model_lacks_names_them(tmp_path):
     peft.get_peft_model(toy.build(), peft.LoraConfig(r=2, target_modules=["fc1", "fc2"])).save_pretrained(
         tmp_path / "p")
     other = torch.nn.Sequential(torch.nn.Linear(12, 24))  # no fc1/fc2
-    with pytest.raises(mm.AttachError, match="match no adaptable layer"):
+    with pytest.raises(mm.AdapterStateError, match=r"adapter_model.safetensors: LoRA weights for modules the "
+                       r"model lacks \(fc1, fc2\)"):
         mm.import_peft(other, tmp_path / "p")
+    assert mm.adapter_names(other) == []
