@@ -53,6 +53,43 @@ def test_only_adapter_parameters_train(toy, case):
             assert param.grad is None, f"frozen {name} received a gradient"
 
 
+def _reference_through_delta_weight(adapter: mm.Adapter) -> None:
+    """Make ``adapter`` add ``x @ delta_weight.T`` with autograd's own ops, bypassing its fused forward."""
+
+    def forward(x, out, base):
+        delta = adapter.delta_weight(base)
+        if delta.dim() > 2:  # a convolution's update: a kernel applied with the layer's own geometry
+            from mm.conv import conv_fn
+
+            update = conv_fn(base)(x.to(delta.dtype), delta, None, base.stride, base.padding, base.dilation,
+                                   base.groups)
+        else:
+            update = torch.nn.functional.linear(x.to(delta.dtype), delta)
+        return out + update.to(out.dtype)
+
+    adapter.forward = forward
+
+
+def test_adapter_gradients_match_autograd_through_the_weight_delta(toy, case):
+    if not case.mergeable:
+        pytest.skip(f"{case.method} has no weight delta to differentiate through; its own tests cover it")
+    model, x = attached(toy, case)
+    perturb(model)
+    reference, _ = attached(toy, case)
+    reference.load_state_dict(model.state_dict())
+    for _, layer in mm.adapted_layers(reference):
+        _reference_through_delta_weight(layer.adapters["default"])
+    grads = {}
+    for which, net in (("fused", model), ("reference", reference)):
+        toy.run(net, x).float().pow(2).mean().backward()
+        grads[which] = {n: p.grad for n, p in net.named_parameters() if p.requires_grad}
+    assert grads["fused"].keys() == grads["reference"].keys()
+    for name, grad in grads["reference"].items():
+        assert grad is not None and grad.abs().max() > 0, f"reference gradient of {name} is zero"
+        torch.testing.assert_close(grads["fused"][name], grad, rtol=1e-4, atol=1e-4 * float(grad.abs().max()),
+                                   msg=lambda m, n=name: f"gradient of {n} differs from autograd: {m}")
+
+
 def test_merge_equals_unmerged_and_unmerge_restores(toy, case):
     if not case.mergeable:
         model, _ = attached(toy, case)
