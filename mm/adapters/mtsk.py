@@ -20,6 +20,15 @@ plain loop over route blocks, and the global and specific LoRAs save, load and a
 with one config. The paper's training objective (the per-scale losses averaged each step) lives with
 the task that builds the scales (train/tasks/avsr_model.py), not here.
 
+Parametrisation (``parametrisation``). ``"reference"`` (the default) follows the authors' released code
+(umbertocappellazzo/Omni-AVSR, ``Llama_MatryLoRA.py``): ``r`` is their ``RANK``, a *divisor*: each LoRA's
+bottleneck is ``round(in_features / r)`` and its scale ``alpha / r``; the down projection A starts at zero
+and the up projection B is Kaiming-uniform (the reverse of Hu et al.'s init; the output is still the
+base's at init). The authors adapt q and v only (``targets: [q_proj, v_proj]`` in the recipes). Their
+defaults, RANK 64 and ALPHA 8, give a Llama-3.2-1B (hidden 2048) bottleneck 32 and scale 0.125; a paper
+"rank" of b on hidden size h is ``r = h / b`` here, with ``alpha = scale * r``. ``"lora"`` is plain LoRA
+(``r`` the bottleneck, scale ``alpha / r``, A Kaiming, B zero), kept for comparison.
+
 Forward without a route (or with ``scale=None``) uses ``default_scale``; MS needs no scale at all.
 Merging folds in the update of the scale active at merge time (run ``mm.merge`` inside
 ``mm.route(scale=...)`` to deploy at that scale): a merged SS/MSS model serves that one scale.
@@ -27,6 +36,8 @@ Merging folds in the update of the scale active at merge time (run ``mm.merge`` 
 
 from __future__ import annotations
 
+import dataclasses
+import math
 from dataclasses import dataclass, field
 from typing import ClassVar, Literal
 
@@ -39,6 +50,7 @@ from mm.config import ConfigError
 from mm.route import current_route
 
 STRATEGIES = ("ms", "ss", "mss")
+PARAMETRISATIONS = ("reference", "lora")
 
 
 @ADAPTERS.register("mtsk")
@@ -58,11 +70,24 @@ class MatryoshkaLoRAConfig(LoRAConfig):
     default_scale: str | None = field(
         default=None, metadata={"help": "Scale used when no route names one (null: such a forward is an "
                                         "error for ss/mss)."})
+    parametrisation: Literal["reference", "lora"] = field(
+        default="reference", metadata={"help": "'reference' (the authors' code): r divides the input width "
+                                               "(bottleneck round(in/r)), scale alpha/r, A = 0 and B Kaiming at "
+                                               "init; 'lora': r is the bottleneck, A Kaiming, B = 0."})
 
     def validate(self) -> None:
         super().validate()
         if self.strategy not in STRATEGIES:
             raise ConfigError(f"mtsk: key 'strategy' must be one of {', '.join(STRATEGIES)}, got {self.strategy!r}")
+        if self.parametrisation not in PARAMETRISATIONS:
+            raise ConfigError(f"mtsk: key 'parametrisation' must be one of {', '.join(PARAMETRISATIONS)}, got "
+                              f"{self.parametrisation!r}")
+        if self.parametrisation == "reference":
+            clashing = [key for key, value in (("rslora", self.rslora), ("freeze_a", self.freeze_a),
+                                               ("init", self.init != "kaiming")) if value]
+            if clashing:
+                raise ConfigError(f"mtsk: keys {clashing} do not apply to parametrisation 'reference' (scale "
+                                  "alpha/r, A = 0 and B Kaiming at init); use parametrisation: lora")
         if self.strategy != "ms" and not self.scales:
             raise ConfigError(f"mtsk: key 'scales' must list the scales for strategy {self.strategy!r}")
         bad = [s for s in self.scales if not s or "." in s]
@@ -87,8 +112,25 @@ class MatryoshkaLoRAConfig(LoRAConfig):
                               device=base_weight.device)
 
 
+def build_sub_lora(config: MatryoshkaLoRAConfig, in_features: int, out_features: int, *, dtype: torch.dtype,
+                   device: torch.device) -> LoRA:
+    """One of the global / per-scale LoRAs, in the config's parametrisation."""
+    if config.parametrisation == "lora":
+        return LoRA(config, in_features, out_features, dtype=dtype, device=device)
+    bottleneck = round(in_features / config.r)  # the authors' round(hidden / RANK)
+    if bottleneck < 1:
+        raise ConfigError(f"mtsk: r={config.r} divides an input width of {in_features} to a bottleneck of 0 "
+                          "(parametrisation 'reference': bottleneck = round(in_features / r)); lower r")
+    lora = LoRA(dataclasses.replace(config, r=bottleneck), in_features, out_features, dtype=dtype, device=device)
+    lora.scaling = config.alpha / config.r
+    with torch.no_grad():  # the authors' init: down (A) zero, up (B) Kaiming-uniform
+        lora.lora_A.zero_()
+        nn.init.kaiming_uniform_(lora.lora_B, a=math.sqrt(5))
+    return lora
+
+
 class MatryoshkaLoRA(Adapter):
-    """``global_lora`` (MS, MSS) and ``scale_loras[scale]`` (SS, MSS); each a plain LoRA (B = 0 at init)."""
+    """``global_lora`` (MS, MSS) and ``scale_loras[scale]`` (SS, MSS); each a LoRA whose update is 0 at init."""
 
     def __init__(self, config: MatryoshkaLoRAConfig, in_features: int, out_features: int, *,
                  dtype: torch.dtype, device: torch.device) -> None:
@@ -96,10 +138,10 @@ class MatryoshkaLoRA(Adapter):
         self.strategy = config.strategy
         self.scales = tuple(config.scales)
         self.default_scale = config.default_scale
-        self.global_lora = (LoRA(config, in_features, out_features, dtype=dtype, device=device)
+        self.global_lora = (build_sub_lora(config, in_features, out_features, dtype=dtype, device=device)
                             if config.uses_global else None)
         self.scale_loras = nn.ModuleDict({
-            scale: LoRA(config, in_features, out_features, dtype=dtype, device=device)
+            scale: build_sub_lora(config, in_features, out_features, dtype=dtype, device=device)
             for scale in (config.scales if config.uses_specific else [])})
 
     def extra_repr(self) -> str:

@@ -18,8 +18,11 @@ LLAMA = TOYS["llama"]
 
 def mtsk_model(strategy: str, seed: int = 0, **options):
     model = LLAMA.build()
-    config = MatryoshkaLoRAConfig(targets=LLAMA.targets, r=4, alpha=8.0, strategy=strategy,
-                                  scales=options.pop("scales", SCALES), **options)
+    # The strategy tests compare with plain LoRAs of rank r, hence parametrisation 'lora' by default here;
+    # the reference parametrisation has its own tests at the end.
+    options.setdefault("parametrisation", "lora")
+    config = MatryoshkaLoRAConfig(targets=options.pop("targets", LLAMA.targets), r=options.pop("r", 4),
+                                  alpha=8.0, strategy=strategy, scales=options.pop("scales", SCALES), **options)
     mm.attach(model, config, "mtsk")
     perturb(model, seed=seed, scale=0.2)
     return model
@@ -141,6 +144,9 @@ def test_trainable_count_per_strategy():
     ({"strategy": "ss", "scales": ["a.4"]}, "contain '.'"),
     ({"strategy": "ss", "scales": ["a4"], "default_scale": "a8"}, "'default_scale' 'a8'"),
     ({"strategy": "big"}, "'strategy'"),
+    ({"parametrisation": "reference", "rslora": True}, r"keys \['rslora'\] do not apply"),
+    ({"parametrisation": "reference", "freeze_a": True}, "'freeze_a'"),
+    ({"parametrisation": "pissa"}, "'parametrisation'"),
 ])
 def test_config_errors_name_the_key(options, message):
     with pytest.raises(mm.ConfigError, match=message):
@@ -165,3 +171,49 @@ def test_mss_at_a_scale_equals_peft_lora_of_double_rank():
             parts = [ours[f"{layer}.adapters.mtsk.{p}.{a_or_b}"] for p in ("global_lora", "scale_loras.a16_v2")]
             param.copy_(torch.cat(parts, dim=0 if a_or_b == "lora_A" else 1))
     torch.testing.assert_close(LLAMA.run(peft_model, LLAMA.make_input()), expected, rtol=1e-5, atol=1e-5)
+
+
+# ---- the reference parametrisation (Omni-AVSR's Llama_MatryLoRA.py): r divides the width, A = 0 at init
+
+
+def reference_model(strategy: str = "mss", r: int = 4):
+    model = LLAMA.build()
+    config = MatryoshkaLoRAConfig(targets=["q_proj", "v_proj"], r=r, alpha=8.0, strategy=strategy, scales=SCALES)
+    assert config.parametrisation == "reference"  # the default
+    mm.attach(model, config, "mtsk")
+    return model
+
+
+def test_reference_is_the_default_bottleneck_is_width_over_r_and_scale_alpha_over_r():
+    model = reference_model("mss", r=4)
+    layers = dict(mm.adapted_layers(model))
+    assert {name.rsplit(".", 1)[-1] for name in layers} == {"q_proj", "v_proj"}
+    for layer in layers.values():
+        adapter = layer.adapters["mtsk"]
+        for lora in [adapter.global_lora, *adapter.scale_loras.values()]:
+            assert lora.lora_A.shape == (layer.in_features // 4, layer.in_features)  # hidden 32 / RANK 4 = 8
+            assert lora.lora_B.shape == (layer.out_features, layer.in_features // 4)
+            assert lora.scaling == pytest.approx(8.0 / 4)
+
+
+def test_reference_zero_inits_A_not_B_so_output_is_the_base_and_A_trains_first():
+    x = LLAMA.make_input()
+    expected = LLAMA.run(LLAMA.build(), x)
+    model = reference_model("mss")
+    for scale in SCALES:
+        torch.testing.assert_close(run(model, scale), expected, rtol=0, atol=0)
+    loras = [lora for _, layer in mm.adapted_layers(model) for lora in
+             [layer.adapters["mtsk"].global_lora, *layer.adapters["mtsk"].scale_loras.values()]]
+    assert all(torch.count_nonzero(lora.lora_A) == 0 and torch.count_nonzero(lora.lora_B) > 0 for lora in loras)
+    with route(scale="a4_v5"):
+        LLAMA.run(model, x).pow(2).mean().backward()
+    active = [layer.adapters["mtsk"].scale_loras["a4_v5"] for _, layer in mm.adapted_layers(model)]
+    assert all(lora.lora_A.grad.abs().sum() > 0 for lora in active)  # with A = 0 only A gets a gradient
+    assert all(lora.lora_B.grad is None or lora.lora_B.grad.abs().sum() == 0 for lora in active)
+
+
+def test_reference_width_not_divisible_rounds_and_a_zero_bottleneck_is_an_error():
+    model = reference_model("ms", r=5)  # round(32 / 5) = 6, the authors' round()
+    assert {layer.adapters["mtsk"].global_lora.lora_A.shape[0] for _, layer in mm.adapted_layers(model)} == {6}
+    with pytest.raises(mm.ConfigError, match=r"r=80 divides an input width of 32 to a bottleneck of 0"):
+        reference_model("ms", r=80)
