@@ -19,12 +19,19 @@ from mm.adapters.mole import MoLEConfig
 LLAMA_MLP = ["gate_proj", "up_proj", "down_proj"]
 
 
+def _scaling(adapter) -> float:
+    """alpha / r (alpha / sqrt(r) with rsLoRA) from the adapter's config: the reference does not read the
+    ``scaling`` the code under test computed, so a wrong scaling there shows up here."""
+    config = adapter.config
+    return config.alpha / (math.sqrt(config.r) if config.rslora else config.r)
+
+
 def _expert_proj(layer, vector, chosen, gates):
     """One token through one adapted projection, expert by expert: W v + b + sum_j g_j s B_j A_j v."""
     adapter = layer.adapters["default"]
     out = F.linear(vector, layer.base.weight, layer.base.bias)
     for expert, gate in zip(chosen, gates, strict=True):
-        out = out + gate * adapter.scaling * (adapter.lora_B[expert] @ (adapter.lora_A[expert] @ vector))
+        out = out + gate * _scaling(adapter) * (adapter.lora_B[expert] @ (adapter.lora_A[expert] @ vector))
     return out
 
 

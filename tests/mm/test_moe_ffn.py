@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -16,15 +18,22 @@ from mm.route import route
 LLAMA_MLP = ["gate_proj", "up_proj", "down_proj"]
 
 
+def _scaling(adapter) -> float:
+    """alpha / r (alpha / sqrt(r) with rsLoRA) from the adapter's config: the reference does not read the
+    ``scaling`` the code under test computed, so a wrong scaling there shows up here."""
+    config = adapter.config
+    return config.alpha / (math.sqrt(config.r) if config.rslora else config.r)
+
+
 def _proj(layer, vector, experts: dict[str, int]):
     """One token through one projection with the given expert of each named adapter: W v + b + sum s B_e A_e v."""
     out = F.linear(vector, layer.base.weight, layer.base.bias)
     for name, adapter in layer.adapters.items():
         if name in experts:
             e = experts[name]
-            out = out + adapter.scaling * (adapter.lora_B[e] @ (adapter.lora_A[e] @ vector))
+            out = out + _scaling(adapter) * (adapter.lora_B[e] @ (adapter.lora_A[e] @ vector))
         elif name in layer.active:  # a plain LoRA beside the mixture
-            out = out + adapter.scaling * (adapter.lora_B @ (adapter.lora_A @ vector))
+            out = out + _scaling(adapter) * (adapter.lora_B @ (adapter.lora_A @ vector))
     return out
 
 
@@ -168,7 +177,7 @@ def test_gpt2_conv1d_mlp_is_the_sum_of_whole_ffn_experts():
     def conv1d(layer, v, ex):
         a = layer.adapters["default"]
         e = ex["default"]
-        return v @ layer.base.weight + layer.base.bias + a.scaling * (a.lora_B[e] @ (a.lora_A[e] @ v))
+        return v @ layer.base.weight + layer.base.bias + _scaling(a) * (a.lora_B[e] @ (a.lora_A[e] @ v))
 
     ffn = lambda v, ex: conv1d(mlp.c_proj, mlp.act(conv1d(mlp.c_fc, v, ex)), ex)  # noqa: E731
     with torch.no_grad():
