@@ -1,4 +1,8 @@
-"""``AdaptedLinear``: a frozen linear-like layer plus named adapters whose updates add to its output."""
+"""``AdaptedLinear``: a frozen linear-like layer plus named adapters whose updates add to its output.
+
+``AdaptedConv`` is the same for a ``nn.Conv1d/2d/3d``; it subclasses ``AdaptedLinear`` so every consumer of
+adapted layers (save/load, merge, routing, reports) handles both: read ``AdaptedLinear`` as "an adapted layer".
+"""
 
 from __future__ import annotations
 
@@ -9,6 +13,7 @@ import torch
 from torch import nn
 
 from mm.adapters.base import Adapter
+from mm.conv import describe_conv
 from mm.quant import dequantise_linear, dequantised_weight, is_quantised_linear, quantised_kind
 from mm.route import current_route
 
@@ -34,6 +39,8 @@ def linear_features(module: nn.Module) -> tuple[int, int]:
 def weight_out_in(module: nn.Module) -> torch.Tensor:
     """The layer's weight as an (out, in) tensor that shares storage with it (in-place edits reach it).
 
+    A convolution's weight comes as it is, (out, in/groups, *kernel): its adapters' deltas have that shape.
+
     A bitsandbytes 4/8-bit layer stores packed integers: it gets a dequantised float copy instead, which
     in-place edits do not reach (``AdaptedLinear.merge`` dequantises such a layer before merging).
     """
@@ -49,16 +56,23 @@ class AdaptedLinear(nn.Module):
     something is merged, since the base weight then already carries the update).
     """
 
+    #: The layer kind adapters must support to attach here (``mm.conv.supports_layer_kind``).
+    kind = "linear"
+
     def __init__(self, base: nn.Module) -> None:
         super().__init__()
         self.base = base
-        self.in_features, self.out_features = linear_features(base)
+        self.in_features, self.out_features = self.features_of(base)
         self.adapters = nn.ModuleDict()
         self.active: tuple[str, ...] = ()
         self.merged: list[str] = []
         self.disabled = False
 
     # Code that inspects layers (dtype checks in open_clip, transformers) expects these attributes.
+    @staticmethod
+    def features_of(base: nn.Module) -> tuple[int, int]:
+        return linear_features(base)
+
     @property
     def weight(self) -> torch.Tensor:
         return self.base.weight
@@ -145,3 +159,46 @@ class AdaptedLinear(nn.Module):
 
     def extra_repr(self) -> str:
         return f"in={self.in_features}, out={self.out_features}, active={list(self.active)}"
+
+
+class AdaptedConv(AdaptedLinear):
+    """A frozen convolution plus named adapters: the same adapter dictionary, routing, merge and disable as
+    ``AdaptedLinear`` (merging adds each adapter's grouped kernel ``delta_weight`` into the layer's weight)."""
+
+    kind = "conv"
+
+    @staticmethod
+    def features_of(base: nn.Module) -> tuple[int, int]:
+        return int(base.in_channels), int(base.out_channels)
+
+    # Code that inspects convolutions (shape checks, weight surgery) reads these from the layer itself.
+    @property
+    def in_channels(self) -> int:
+        return self.base.in_channels
+
+    @property
+    def out_channels(self) -> int:
+        return self.base.out_channels
+
+    @property
+    def kernel_size(self) -> tuple[int, ...]:
+        return self.base.kernel_size
+
+    @property
+    def stride(self) -> tuple[int, ...]:
+        return self.base.stride
+
+    @property
+    def padding(self) -> tuple[int, ...] | str:
+        return self.base.padding
+
+    @property
+    def dilation(self) -> tuple[int, ...]:
+        return self.base.dilation
+
+    @property
+    def groups(self) -> int:
+        return self.base.groups
+
+    def extra_repr(self) -> str:
+        return f"{describe_conv(self.base)}, active={list(self.active)}"

@@ -2,6 +2,9 @@
 
 PEFT keys look like ``base_model.model.<layer path>.lora_A.weight`` (the adapter name is dropped on save),
 and its LoRA scaling is ``lora_alpha / r`` (or ``/ sqrt(r)`` with ``use_rslora``), the same as ours.
+Convolutions use PEFT's keys too. On a grouped convolution PEFT's A is dense (in -> r) where ours is grouped:
+export writes ours as a block-diagonal dense A (same outputs), and import takes a dense A only when it is
+block-diagonal. PEFT's conv A ignores the layer's dilation and padding mode, so such layers are refused.
 """
 
 from __future__ import annotations
@@ -15,7 +18,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from mm.adapters.lora import LoRA, LoRAConfig
+from mm.adapters.lora import ConvLoRA, LoRA, LoRAConfig
 from mm.config import ConfigError
 from mm.layer import is_conv1d
 from mm.mha import SplitMultiheadAttention
@@ -38,7 +41,7 @@ def export_peft(model: nn.Module, directory: str | os.PathLike, adapter: str = "
     tensors, layer_names, conv1d = {}, [], False
     for name, layer in adapted_layers(model):
         module = layer.adapters[adapter] if adapter in layer.adapters else None
-        if not isinstance(module, LoRA):
+        if not isinstance(module, LoRA | ConvLoRA):
             continue
         if isinstance(model.get_submodule(name.rpartition(".")[0]), SplitMultiheadAttention):
             raise TypeError(
@@ -47,7 +50,11 @@ def export_peft(model: nn.Module, directory: str | os.PathLike, adapter: str = "
             )
         layer_names.append(name)
         conv1d = conv1d or is_conv1d(layer.base)
-        tensors[f"{PEFT_PREFIX}{name}.lora_A.weight"] = module.lora_A.detach().cpu().contiguous().clone()
+        lora_a = module.lora_A.detach().cpu()
+        if isinstance(module, ConvLoRA):
+            _refuse_peft_conv_geometry(name, layer.base, TypeError)
+            lora_a = _dense_conv_a(lora_a, layer.base.groups)
+        tensors[f"{PEFT_PREFIX}{name}.lora_A.weight"] = lora_a.contiguous().clone()
         tensors[f"{PEFT_PREFIX}{name}.lora_B.weight"] = module.lora_B.detach().cpu().contiguous().clone()
     peft_config = {
         "peft_type": "LORA", "task_type": None, "base_model_name_or_path": None, "inference_mode": True,
@@ -132,17 +139,54 @@ def _read_peft_config(path: Path) -> dict:
     return config
 
 
+def _refuse_peft_conv_geometry(layer_name: str, conv: nn.Module, error: type[Exception], where: str = "") -> None:
+    """PEFT 0.21 builds a conv LoRA's A without the layer's dilation and padding mode: its outputs differ."""
+    if any(d != 1 for d in conv.dilation) or conv.padding_mode != "zeros":
+        raise error(f"{where}{layer_name}: PEFT's conv LoRA ignores dilation {tuple(conv.dilation)} and "
+                    f"padding_mode {conv.padding_mode!r} of the layer; no PEFT LoRA computes what ours does there")
+
+
+def _dense_conv_a(lora_a: torch.Tensor, groups: int) -> torch.Tensor:
+    """Our grouped A (r, in/groups, *k) as PEFT's dense (r, in, *k): zero outside each group's block."""
+    if groups == 1:
+        return lora_a
+    rank, per_group = lora_a.shape[0] // groups, lora_a.shape[1]
+    dense = lora_a.new_zeros(lora_a.shape[0], per_group * groups, *lora_a.shape[2:])
+    for g in range(groups):
+        dense[g * rank:(g + 1) * rank, g * per_group:(g + 1) * per_group] = lora_a[g * rank:(g + 1) * rank]
+    return dense
+
+
+def _grouped_conv_a(layer_name: str, conv: nn.Module, dense: torch.Tensor, path: Path) -> torch.Tensor:
+    """PEFT's dense A on a grouped conv as our grouped A; refused unless it is block-diagonal."""
+    _refuse_peft_conv_geometry(layer_name, conv, AdapterStateError, f"{path}: ")
+    groups = conv.groups
+    if groups == 1 or dense.dim() < 3 or dense.shape[1] != conv.in_channels or dense.shape[0] % groups:
+        return dense  # the shape check that follows names a wrong shape
+    rank, per_group = dense.shape[0] // groups, conv.in_channels // groups
+    grouped = torch.cat([dense[g * rank:(g + 1) * rank, g * per_group:(g + 1) * per_group] for g in range(groups)])
+    if not torch.equal(_dense_conv_a(grouped, groups), dense):
+        raise AdapterStateError(
+            f"{path}: {layer_name}.lora_A mixes channels across the {groups} groups of a grouped "
+            f"{type(conv).__name__} (PEFT's dense A); mmtune's grouped conv LoRA holds only block-diagonal A")
+    return grouped
+
+
 def _fill(model: nn.Module, name: str, layers: dict[str, dict[str, torch.Tensor]], path: Path) -> None:
     modules = {layer_name: layer.adapters[name] for layer_name, layer in adapted_layers(model)
                if name in layer.adapters}
+    bases = {layer_name: layer.base for layer_name, layer in adapted_layers(model)}
     missing = sorted(set(layers) - set(modules))
     if missing:
         raise AdapterStateError(f"{path}: layers {missing} are not adaptable layers of the model")
     with torch.no_grad():
         for layer_name, pair in layers.items():
+            missing_part = next((p for p in ("lora_A", "lora_B") if p not in pair), None)
+            if missing_part:
+                raise AdapterStateError(f"{path}: layer {layer_name!r} has no {missing_part} weight")
+            if isinstance(modules[layer_name], ConvLoRA):
+                pair = {**pair, "lora_A": _grouped_conv_a(layer_name, bases[layer_name], pair["lora_A"], path)}
             for part in ("lora_A", "lora_B"):
-                if part not in pair:
-                    raise AdapterStateError(f"{path}: layer {layer_name!r} has no {part} weight")
                 target = getattr(modules[layer_name], part)
                 if target.shape != pair[part].shape:
                     raise AdapterStateError(

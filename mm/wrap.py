@@ -1,4 +1,5 @@
-"""``attach``: find target layers in any ``nn.Module``, wrap them in ``AdaptedLinear``, freeze the rest."""
+"""``attach``: find target layers in any ``nn.Module``, wrap them in ``AdaptedLinear`` (convolutions in
+``AdaptedConv``), freeze the rest."""
 
 from __future__ import annotations
 
@@ -9,9 +10,10 @@ from collections.abc import Iterator
 
 from torch import nn
 
-from mm.config import AdapterConfig
+from mm.config import AdapterConfig, ConfigError
+from mm.conv import is_plain_conv, supports_layer_kind
 from mm.errors import MMTuneError
-from mm.layer import AdaptedLinear, is_linear_like, linear_features, weight_out_in
+from mm.layer import AdaptedConv, AdaptedLinear, is_linear_like, linear_features, weight_out_in
 from mm.mha import PROJECTIONS, SplitMultiheadAttention
 
 
@@ -19,19 +21,28 @@ class AttachError(MMTuneError, ValueError):
     """Targets match nothing, or an adapter name is invalid or taken; the message says which."""
 
 
+#: Target keywords: every linear layer but the output head; every nn.Conv1d/2d/3d (never implied by the first).
+ALL_LINEAR, ALL_CONV = "all-linear", "all-conv"
+
+
 def adaptable_layers(model: nn.Module) -> list[str]:
     """Names of every layer an adapter can attach to, including q/k/v/out inside MultiheadAttention."""
-    names: list[str] = []
+    return list(adaptable_layer_kinds(model))
+
+
+def adaptable_layer_kinds(model: nn.Module) -> dict[str, str]:
+    """Every adaptable layer's name -> its kind, 'linear' or 'conv' (see ``mm.conv.supports_layer_kind``)."""
+    kinds: dict[str, str] = {}
     for name, module in model.named_modules():
         if isinstance(module, AdaptedLinear):
-            names.append(name)
+            kinds[name] = module.kind
         elif isinstance(module, nn.MultiheadAttention):
-            names.extend(f"{name}.{p}" if name else p for p in PROJECTIONS)
-        elif name and is_linear_like(module) and not isinstance(
+            kinds.update((f"{name}.{p}" if name else p, "linear") for p in PROJECTIONS)
+        elif name and (is_linear_like(module) or is_plain_conv(module)) and not isinstance(
             _parent(model, name), AdaptedLinear | nn.MultiheadAttention
         ):
-            names.append(name)
-    return names
+            kinds[name] = "conv" if is_plain_conv(module) else "linear"
+    return kinds
 
 
 def _parent(model: nn.Module, name: str) -> nn.Module:
@@ -74,13 +85,15 @@ def _output_head_names(model: nn.Module) -> set[str]:
 
 def select_targets(model: nn.Module, config: AdapterConfig) -> list[str]:
     """The layer names ``config`` selects in ``model`` (suffix or regex targets, exclusions, layer ids)."""
-    candidates = adaptable_layers(model)
-    heads = _output_head_names(model) if "all-linear" in config.targets else set()
+    kinds = adaptable_layer_kinds(model)
+    candidates = list(kinds)
+    heads = _output_head_names(model) if ALL_LINEAR in config.targets else set()
     chosen = []
-    for name in candidates:
+    for name, kind in kinds.items():
         targeted = (
-            ("all-linear" in config.targets and name not in heads)
-            or any(_suffix_match(name, t) for t in config.targets if t != "all-linear")
+            (ALL_LINEAR in config.targets and kind == "linear" and name not in heads)
+            or (ALL_CONV in config.targets and kind == "conv")
+            or any(_suffix_match(name, t) for t in config.targets if t not in (ALL_LINEAR, ALL_CONV))
             or (config.target_regex is not None and re.fullmatch(config.target_regex, name) is not None)
         )
         if not targeted or _matches_any(name, config.exclude):
@@ -120,6 +133,7 @@ def attach(model: nn.Module, config: AdapterConfig, name: str = "default", *, ac
     if name in adapter_names(model):
         raise AttachError(f"model already has an adapter named {name!r}; delete it first or pick another name")
     targets = select_targets(model, config)
+    conv_adapters = _build_conv_adapters(model, config, targets)  # refuses before the model changes
     for mha_name in dict.fromkeys(t.rpartition(".")[0] for t in targets):
         owner = model.get_submodule(mha_name)
         if isinstance(owner, nn.MultiheadAttention):
@@ -130,14 +144,34 @@ def attach(model: nn.Module, config: AdapterConfig, name: str = "default", *, ac
     for target in targets:
         layer = model.get_submodule(target)
         if not isinstance(layer, AdaptedLinear):
-            layer = AdaptedLinear(layer).train(layer.training)
+            layer = (AdaptedConv if target in conv_adapters else AdaptedLinear)(layer).train(layer.training)
             _replace(model, target, layer)
-        in_features, out_features = linear_features(layer.base)
-        module = config.build_for(target, in_features, out_features, weight_out_in(layer.base))
+        if target in conv_adapters:
+            module = conv_adapters[target]
+        else:
+            in_features, out_features = linear_features(layer.base)
+            module = config.build_for(target, in_features, out_features, weight_out_in(layer.base))
         layer.add(name, module.train(layer.training), active=active)
         layer.adapters[name].config = config
     freeze_base(model)
     return model
+
+
+def _build_conv_adapters(model: nn.Module, config: AdapterConfig, targets: list[str]) -> dict[str, nn.Module]:
+    """The adapters for the convolutions among ``targets``; a method that does not adapt convolutions, or a
+    rank a layer cannot take, is a ConfigError naming the layer."""
+    adapters = {}
+    for target in targets:
+        layer = model.get_submodule(target)
+        conv = layer.base if isinstance(layer, AdaptedConv) else layer
+        if not is_plain_conv(conv):
+            continue
+        if not supports_layer_kind(config, "conv"):
+            raise ConfigError(
+                f"{config.method}: layer {target!r} is a {type(conv).__name__}, and method {config.method!r} "
+                f"adapts linear layers only ('lora' adapts convolutions); exclude it or narrow 'targets'")
+        adapters[target] = config.build_conv(target, conv)
+    return adapters
 
 
 def freeze_base(model: nn.Module) -> None:

@@ -27,6 +27,12 @@ class Case:
     def config(self, targets: list[str]) -> mm.AdapterConfig:
         return mm.AdapterConfig.from_dict({"method": self.method, "targets": targets, **self.options})
 
+    def adapts(self, layer_kind: str) -> bool:
+        """Whether the method attaches to layers of ``layer_kind`` ('linear', 'conv')."""
+        from mm.conv import supports_layer_kind
+
+        return supports_layer_kind(self.config(["x"]), layer_kind)
+
 
 CASES: dict[str, Case] = {
     "lora": Case("lora", {"r": 4, "alpha": 8.0}),

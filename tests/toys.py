@@ -1,4 +1,5 @@
-"""Tiny backbones for tests: an MLP, a ViT on nn.MultiheadAttention, a transformers Llama and GPT-2.
+"""Tiny backbones for tests: an MLP, a ViT on nn.MultiheadAttention, a transformers Llama and GPT-2, and
+(``CONV_TOYS``) small convolutional nets: Conv1d, Conv2d, grouped and depthwise Conv2d, Conv3d.
 
 Each toy is deterministic (built from a seed), so two calls give identical base weights: tests compare a
 model with adapters against a fresh copy of the same base.
@@ -60,6 +61,21 @@ class TinyViT(nn.Module):
         return self.head(self.features(x))
 
 
+class TinyConvNet(nn.Module):
+    """Two target convolutions ``conv1``, ``conv2`` (a 1x1 ``mix`` between them is not targeted), pooled into
+    a linear head: enough to see each conv's geometry (stride, padding, dilation, groups) in the output."""
+
+    def __init__(self, conv1: nn.Module, conv2: nn.Module, mix: nn.Module | None = None, classes: int = 5) -> None:
+        super().__init__()
+        self.conv1, self.act, self.conv2 = conv1, nn.GELU(), conv2
+        self.mix = mix if mix is not None else nn.Identity()
+        self.head = nn.Linear(conv2.out_channels, classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.act(self.conv2(self.mix(self.act(self.conv1(x)))))
+        return self.head(h.flatten(2).mean(-1))
+
+
 def tiny_llama(seed: int = 0) -> nn.Module:
     from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -116,4 +132,25 @@ TOYS = {
     "vit": Toy("vit", _seeded(TinyViT), _input((3, 1, 8, 8)), ["q_proj", "v_proj", "out_proj", "c_fc"]),
     "llama": Toy("llama", tiny_llama, _input((2, 7), vocab=64), ["q_proj", "v_proj", "down_proj"], logits=True),
     "gpt2": Toy("gpt2", tiny_gpt2, _input((2, 7), vocab=64), ["c_attn", "c_fc"], logits=True),
+}
+
+# Layers are created in the builders below under the seed, so each build has the same weights. Every conv
+# is sized so that a rank-4 LoRA (the contract cases' r) is smaller than it (see mm.conv.check_conv_rank).
+CONV_TOYS = {
+    "conv1d": Toy("conv1d", _seeded(lambda: TinyConvNet(
+        nn.Conv1d(3, 8, 5, padding=2), nn.Conv1d(8, 8, 3, stride=2, padding=2, dilation=2))),
+        _input((2, 3, 16)), ["conv1", "conv2"]),
+    "conv2d": Toy("conv2d", _seeded(lambda: TinyConvNet(
+        nn.Conv2d(3, 8, 3, padding=1), nn.Conv2d(8, 8, (3, 1), stride=2, padding="valid", bias=False))),
+        _input((2, 3, 9, 9)), ["conv1", "conv2"]),
+    "conv2d-grouped": Toy("conv2d-grouped", _seeded(lambda: TinyConvNet(
+        nn.Conv2d(4, 8, 3, padding=1, groups=2), nn.Conv2d(8, 16, 3, stride=2, padding=1, groups=4))),
+        _input((2, 4, 8, 8)), ["conv1", "conv2"]),
+    # Depthwise with a channel multiplier (4, then 2 filters per channel), a pointwise mix between.
+    "conv2d-depthwise": Toy("conv2d-depthwise", _seeded(lambda: TinyConvNet(
+        nn.Conv2d(4, 16, 3, padding=1, groups=4), nn.Conv2d(4, 8, 3, padding=1, groups=4), nn.Conv2d(16, 4, 1))),
+        _input((2, 4, 8, 8)), ["conv1", "conv2"]),
+    "conv3d": Toy("conv3d", _seeded(lambda: TinyConvNet(
+        nn.Conv3d(2, 8, (3, 3, 3), padding=1), nn.Conv3d(8, 8, (1, 3, 3), stride=(1, 2, 2), padding=(0, 1, 1)))),
+        _input((2, 2, 4, 6, 6)), ["conv1", "conv2"]),
 }

@@ -41,7 +41,7 @@ class Adapter(nn.Module):
         raise NotImplementedError
 
     def delta_weight(self, base: nn.Module) -> torch.Tensor:
-        """The update as an (out_features, in_features) weight, for merging."""
+        """The update as an (out_features, in_features) weight, for merging (on a conv: the kernel's shape)."""
         raise NotMergeableError(f"{type(self).__name__} has no single weight delta and cannot be merged")
 
     def release(self, base: nn.Module) -> None:

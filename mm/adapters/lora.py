@@ -2,6 +2,7 @@
 
 Also covers rsLoRA scaling (alpha / sqrt(r), Kalajdzievski 2023) and FFA-LoRA's frozen A (Sun et al.,
 2024: A stays at its random init and only B trains, which keeps federated averaging of B exact).
+On convolutions (``ConvLoRA``) A is a convolution with the layer's kernel and B a 1x1 one (see ``mm.conv``).
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from torch import nn
 
 from mm.adapters.base import ADAPTERS, Adapter, add_low_rank_
 from mm.config import AdapterConfig, ConfigError
+from mm.conv import check_conv_rank, conv_fn
 
 
 @ADAPTERS.register("lora")
@@ -24,6 +26,8 @@ class LoRAConfig(AdapterConfig):
     """LoRA: a trainable low-rank update B A beside each frozen linear layer."""
 
     method: ClassVar[str] = "lora"
+    #: Linear layers and nn.Conv1d/2d/3d (grouped and depthwise too); subclasses state their own kinds.
+    layer_kinds: ClassVar[tuple[str, ...]] = ("linear", "conv")
 
     rslora: bool = field(default=False, metadata={"help": "Scale by alpha/sqrt(r) instead of alpha/r."})
     freeze_a: bool = field(
@@ -46,6 +50,19 @@ class LoRAConfig(AdapterConfig):
     def build(self, in_features: int, out_features: int, base_weight: torch.Tensor) -> LoRA:
         return LoRA(self, in_features, out_features, dtype=_param_dtype(base_weight), device=base_weight.device)
 
+    def build_conv(self, layer_name: str, conv: nn.Module) -> ConvLoRA:
+        """The adapter for the convolution ``layer_name``; refuses a rank that would outgrow it."""
+        check_conv_rank(layer_name, conv, self.r, self.method)
+        return ConvLoRA(self, conv)
+
+
+def _init_a(lora_a: nn.Parameter, config: LoRAConfig) -> None:
+    if config.init == "kaiming":  # on a conv weight, fan_in is in/groups * kernel, as PEFT's nn.Conv A
+        nn.init.kaiming_uniform_(lora_a, a=math.sqrt(5))
+    else:
+        nn.init.normal_(lora_a, std=1.0 / config.r)
+    lora_a.requires_grad_(not config.freeze_a)
+
 
 def _param_dtype(base_weight: torch.Tensor) -> torch.dtype:
     # Quantised bases store integers; their adapters train in fp32.
@@ -62,11 +79,7 @@ class LoRA(Adapter):
         self.lora_A = nn.Parameter(torch.empty(config.r, in_features, dtype=dtype, device=device))
         self.lora_B = nn.Parameter(torch.zeros(out_features, config.r, dtype=dtype, device=device))
         self.dropout = nn.Dropout(config.dropout) if config.dropout > 0 else None
-        if config.init == "kaiming":
-            nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
-        else:
-            nn.init.normal_(self.lora_A, std=1.0 / config.r)
-        self.lora_A.requires_grad_(not config.freeze_a)
+        _init_a(self.lora_A, config)
 
     def extra_repr(self) -> str:
         r, in_features = self.lora_A.shape
@@ -89,3 +102,47 @@ class LoRA(Adapter):
 
     def delta_weight(self, base: nn.Module) -> torch.Tensor:
         return (self.lora_B @ self.lora_A) * self.scaling
+
+
+class ConvLoRA(Adapter):
+    """LoRA on a ``nn.Conv{1,2,3}d``: ``out + scaling * B(A(x))``.
+
+    ``lora_A`` (r, in/groups, *kernel) convolves with the layer's own stride, padding, padding mode, dilation
+    and groups; ``lora_B`` (out, r/groups, 1, ...) is a grouped 1x1 convolution. Group g of the output thus
+    sees only group g of the input, through ranks g*r/groups .. (g+1)*r/groups - 1, exactly as the layer does.
+    """
+
+    def __init__(self, config: LoRAConfig, conv: nn.Module) -> None:
+        super().__init__()
+        weight = conv.weight
+        self.scaling, self.groups = config.scaling, conv.groups
+        ones = (1,) * (weight.dim() - 2)
+        kwargs = {"dtype": _param_dtype(weight), "device": weight.device}
+        self.lora_A = nn.Parameter(torch.empty(config.r, *weight.shape[1:], **kwargs))
+        self.lora_B = nn.Parameter(torch.zeros(weight.shape[0], config.r // conv.groups, *ones, **kwargs))
+        self.dropout = nn.Dropout(config.dropout) if config.dropout > 0 else None
+        _init_a(self.lora_A, config)
+
+    def extra_repr(self) -> str:
+        return (f"r={self.lora_A.shape[0]}, kernel={tuple(self.lora_A.shape[2:])}, groups={self.groups}, "
+                f"scaling={self.scaling:g}")
+
+    def forward(self, x: torch.Tensor, out: torch.Tensor, base: nn.Module) -> torch.Tensor:
+        return out + self.delta(x, base).to(out.dtype)
+
+    def delta(self, x: torch.Tensor, base: nn.Module) -> torch.Tensor:
+        if x.dtype != self.lora_A.dtype:
+            x = x.to(self.lora_A.dtype)
+        if self.dropout is not None:
+            x = self.dropout(x)
+        # The layer's own _conv_forward applies its geometry, padding_mode included, to A; scaling the r-wide
+        # hidden costs r/out of scaling the result.
+        hidden = base._conv_forward(x, self.lora_A, None) * self.scaling
+        return conv_fn(base)(hidden, self.lora_B, groups=self.groups)
+
+    def delta_weight(self, base: nn.Module) -> torch.Tensor:
+        """B A per group, as a kernel of the layer's shape (out, in/groups, *kernel)."""
+        rank, groups = self.lora_A.shape[0], self.groups
+        a = self.lora_A.reshape(groups, rank // groups, -1)
+        b = self.lora_B.reshape(groups, -1, rank // groups)
+        return (b @ a).reshape(base.weight.shape) * self.scaling
