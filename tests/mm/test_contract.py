@@ -1,11 +1,12 @@
-"""The contract every adapter method keeps, on every toy backbone (MLP, MHA ViT, Llama, GPT-2 Conv1D)."""
+"""The contract every adapter method keeps, on every toy backbone (MLP, MHA ViT, Llama, GPT-2 Conv1D), and for
+the methods that adapt convolutions, on the conv toys (Conv1d, Conv2d, grouped, depthwise, Conv3d)."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 from contract_cases import CASES, Case, perturb
-from toys import Toy
+from toys import CONV_TOYS, TOYS, Toy
 
 import mm
 
@@ -19,9 +20,23 @@ def attached(toy: Toy, case: Case, name: str = "default"):
     return model, x
 
 
-@pytest.fixture(params=sorted(CASES))
-def case(request) -> Case:
-    return CASES[request.param]
+def pytest_generate_tests(metafunc):
+    """Every case on every linear toy; the cases whose method adapts convolutions also on every conv toy."""
+    if {"toy", "case"} <= set(metafunc.fixturenames):
+        pairs = [(t, c) for t in sorted(TOYS) for c in sorted(CASES)]
+        pairs += [(t, c) for t in sorted(CONV_TOYS) for c in sorted(CASES) if CASES[c].adapts("conv")]
+        metafunc.parametrize(("toy", "case"), [({**TOYS, **CONV_TOYS}[t], CASES[c]) for t, c in pairs],
+                             ids=[f"{t}-{c}" for t, c in pairs])
+
+
+@pytest.mark.parametrize("case_name", [c for c in sorted(CASES) if not CASES[c].adapts("conv")])
+def test_methods_without_conv_support_refuse_convs(case_name):
+    case = CASES[case_name]
+    model = CONV_TOYS["conv2d"].build()
+    with pytest.raises(mm.ConfigError, match=rf"{case.method}: layer 'conv1' is a Conv2d, and method "
+                       rf"'{case.method}' adapts linear layers only"):
+        mm.attach(model, case.config(["conv1"]))
+    assert not list(mm.adapted_layers(model)), "a refused attach changed the model"
 
 
 def test_every_method_has_a_case():
