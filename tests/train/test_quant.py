@@ -37,8 +37,13 @@ def test_quantised_layers_keep_shape_and_approximate_the_weight(mode):
     bound = 0.02 if mode == "int8" else 0.25
     relative = (dense - original.weight).norm() / original.weight.norm()
     assert relative < bound, relative
+    # The logits carry the same relative error (measured: nf4 0.10, fp4 0.13, int8 0.003 on this model);
+    # the bound leaves 2x room, and an all-zero or unrelated output (relative error >= 1) fails it.
     x = torch.randint(0, 64, (2, 7))
-    assert torch.allclose(model(x).logits, reference(x).logits, atol=0.5)
+    with torch.no_grad():
+        quantised_logits, full_logits = model(x).logits, reference(x).logits
+    logits_error = (quantised_logits - full_logits).norm() / full_logits.norm()
+    assert logits_error < bound, logits_error
 
 
 @pytest.mark.parametrize("mode", MODES)
