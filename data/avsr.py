@@ -10,7 +10,10 @@ Samples are dicts ``{"id", "audio" (S,) float32 at 16 kHz, "video" (T, crop, cro
 at ``fps``, "text", "words" [(word, start s, end s), ...] or []}``. Video is resized to the fixed
 mouth-crop size and resampled in time to ``fps`` (nearest frame). The dataset checks every utterance when it is built: missing, empty or unreadable files,
 an empty transcript, and audio and video whose durations differ by more than ``max_av_mismatch_s`` are
-errors naming the file, or, with ``on_error: skip``, are left out and counted in ``skipped``.
+errors naming the file, or, with ``on_error: skip``, are left out, counted in ``skipped`` and reported on
+stderr (the count and the first few files with their reason); more than ``max_skipped_fraction`` of the
+split skipped is an error. A ``.wav`` cut short (its header declares more audio than it holds) is an error
+naming the WAV.
 
 ``.mp4`` is read with ``torchvision.io.read_video``, which needs the PyAV package; without it an ``.mp4``
 is an error naming the file and the missing reader (``.npy`` frames need nothing).
@@ -18,7 +21,9 @@ is an error naming the file and the missing reader (``.npy`` frames need nothing
 
 from __future__ import annotations
 
+import sys
 import zlib
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -50,7 +55,11 @@ class AVSRDataConfig:
         default=0.12, metadata={"help": "Largest allowed |audio duration - video duration| in seconds."})
     max_seconds: float = field(default=0.0, metadata={"help": "Longer utterances are errors/skipped (0: no limit)."})
     on_error: Literal["raise", "skip"] = field(
-        default="raise", metadata={"help": "A bad utterance raises (naming the file) or is skipped and counted."})
+        default="raise", metadata={"help": "A bad utterance raises (naming the file) or is skipped, counted and "
+                                           "reported on stderr (the count and the first few files with why)."})
+    max_skipped_fraction: float = field(
+        default=0.1, metadata={"help": "With on_error: skip, more than this share of a split's utterances "
+                                       "skipped is an error (a wrong root or a broken copy, not a few bad files)."})
     snr_db: float | None = field(
         default=None, metadata={"help": "Add white noise at this SNR (dB) to the audio on load (null: clean); "
                                         "the noise is fixed per utterance and noise_seed."})
@@ -62,6 +71,9 @@ class AVSRDataConfig:
                               f"{self.fps}, {self.frames_fps}, {self.crop_size}")
         if self.on_error not in ("raise", "skip"):
             raise ConfigError(f"avsr data: key 'on_error' must be 'raise' or 'skip', got {self.on_error!r}")
+        if not 0.0 <= self.max_skipped_fraction <= 1.0:
+            raise ConfigError(f"avsr data: key 'max_skipped_fraction' must be in [0, 1], "
+                              f"got {self.max_skipped_fraction!r}")
 
 
 def read_transcript(path: Path) -> str:
@@ -92,10 +104,38 @@ def read_word_timings(path: Path) -> list[tuple[str, float, float]]:
     return words
 
 
+def check_wav_complete(path: Path) -> None:
+    """A ``.wav`` whose header declares more audio bytes than the file holds is an error naming it.
+
+    libsndfile reads such a file without complaint (it returns what is there), so a copy cut short would
+    otherwise surface later as an audio/video length mismatch blamed on the video beside it. Sizes of 0 and
+    0xFFFFFFFF mean "unknown" (streamed writers) and are not checked."""
+    import struct
+
+    if path.suffix.lower() != ".wav":
+        return
+    size = path.stat().st_size
+    with path.open("rb") as handle:
+        if handle.read(12)[8:12] != b"WAVE":
+            return  # not RIFF/WAVE: soundfile names what it is
+        position = 12
+        while position + 8 <= size:
+            handle.seek(position)
+            kind, length = struct.unpack("<4sI", handle.read(8))
+            if kind == b"data":
+                held = size - position - 8
+                if length not in (0, 0xFFFFFFFF) and held < length:
+                    raise AVSRDataError(f"{path}: truncated WAV: its header declares {length} bytes of audio, "
+                                        f"the file holds {held}")
+                return
+            position += 8 + length + (length & 1)  # chunks are padded to an even size
+
+
 def read_audio(path: Path) -> np.ndarray:
     """Mono float32 audio at 16 kHz (channels averaged, other rates resampled)."""
     import soundfile
 
+    check_wav_complete(path)
     try:
         data, rate = soundfile.read(str(path), dtype="float32", always_2d=True)
     except Exception as err:  # soundfile raises its own error types for corrupt files
@@ -113,6 +153,7 @@ def read_audio(path: Path) -> np.ndarray:
 def audio_duration(path: Path) -> float:
     import soundfile
 
+    check_wav_complete(path)
     try:
         info = soundfile.info(str(path))
     except Exception as err:
@@ -192,6 +233,13 @@ def add_noise(audio: np.ndarray, snr_db: float, rng: np.random.Generator) -> np.
     return (audio + noise).astype(np.float32)
 
 
+SKIPS_SHOWN = 3  # skipped files named in the report (the count covers all)
+
+
+def _to_stderr(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
 @dataclass
 class Utterance:
     id: str
@@ -207,31 +255,52 @@ def _find(stem: Path, suffixes: tuple[str, ...]) -> Path | None:
 class AVSRDataset(torch.utils.data.Dataset):
     """The utterances of one split (sorted by path), checked on construction (see the module doc)."""
 
-    def __init__(self, config: AVSRDataConfig, split: str) -> None:
+    def __init__(self, config: AVSRDataConfig, split: str, say: Callable[[str], None] | None = None) -> None:
         self.config = config
+        say = say or _to_stderr
         folder = Path(config.root) / split
         if not folder.is_dir():
             raise AVSRDataError(f"{folder}: no such split folder (data.root={config.root!r}, split {split!r})")
         self.utterances: list[Utterance] = []
         self.skipped: dict[str, list[str]] = {}
-        for transcript in sorted(folder.rglob("*.txt")):
+        self.skip_reasons: dict[str, str] = {}  # utterance -> the full message (file and reason)
+        media = (".txt", *AUDIO_SUFFIXES, *VIDEO_SUFFIXES)
+        stems = sorted({p.with_suffix("") for p in folder.rglob("*") if p.suffix in media and p.is_file()})
+        for stem in stems:
             try:
-                self.utterances.append(self._check(folder, transcript))
+                self.utterances.append(self._check(folder, stem))
             except AVSRDataError as err:
                 if config.on_error == "raise":
                     raise
                 reason = str(err).split(": ", 1)[-1].split(" (")[0]
-                self.skipped.setdefault(reason, []).append(str(transcript.with_suffix("")))
+                self.skipped.setdefault(reason, []).append(str(stem))
+                self.skip_reasons[str(stem)] = str(err)
+        self._report_skipped(folder, say)
+
+    def _report_skipped(self, folder: Path, say: Callable[[str], None]) -> None:
+        """Says how many utterances were skipped and why (first few); too many, or all, is an error."""
+        if not self.skipped_count:
+            return
+        total = self.skipped_count + len(self.utterances)
+        first = "; ".join(list(self.skip_reasons.values())[:SKIPS_SHOWN])
+        more = f"; and {self.skipped_count - SKIPS_SHOWN} more" if self.skipped_count > SKIPS_SHOWN else ""
+        summary = f"{folder}: skipped {self.skipped_count} of {total} utterances (on_error: skip): {first}{more}"
         if not self.utterances:
-            raise AVSRDataError(f"{folder}: no usable utterance (skipped: {self.skipped_count})")
+            raise AVSRDataError(f"{folder}: no usable utterance; {summary.split(': ', 1)[1]}")
+        limit = self.config.max_skipped_fraction
+        if self.skipped_count > limit * total:
+            raise AVSRDataError(f"{summary}; that is more than data.max_skipped_fraction={limit:g} of the split")
+        say(summary)
 
     @property
     def skipped_count(self) -> int:
         return sum(len(v) for v in self.skipped.values())
 
-    def _check(self, folder: Path, transcript: Path) -> Utterance:
-        stem = transcript.with_suffix("")
+    def _check(self, folder: Path, stem: Path) -> Utterance:
+        transcript = stem.with_suffix(".txt")
         audio, video = _find(stem, AUDIO_SUFFIXES), _find(stem, VIDEO_SUFFIXES)
+        if not transcript.is_file():
+            raise AVSRDataError(f"{audio or video}: no transcript {transcript.name} beside it")
         if audio is None or video is None:
             what = "audio (.wav/.flac)" if audio is None else "video (.npy/.mp4)"
             raise AVSRDataError(f"{stem}: missing {what} beside the transcript")

@@ -27,6 +27,7 @@ import numpy as np
 
 from data.avsr import add_noise
 from mm.config import ConfigError
+from mm.errors import MMTuneError
 from mm.state import atomic_write
 
 DIGITS = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"]
@@ -35,6 +36,10 @@ COMMANDS = ["turn left", "turn right", "go forward", "go back", "stop now", "lig
 VOICES = ["en-us", "en-gb", "en-us+f3", "en-gb+m7", "en-us+m3", "en-gb+f2"]
 TONE_RATE = 16_000
 MANIFEST = "fake_av.json"
+
+
+class GeneratedDataMismatchError(MMTuneError, FileExistsError):
+    """A folder holds a generated set made with other settings than the ones asked for."""
 
 
 @dataclass
@@ -181,16 +186,29 @@ def write_utterance(folder: Path, name: str, transcript: str, audio: np.ndarray,
 
 
 def make_fake_avsr(root: str | Path, config: FakeAVConfig, fps: float = 25.0) -> Path:
-    """Generate ``config.splits`` under ``root`` (skipped if ``root`` already holds this exact set)."""
+    """Generate ``config.splits`` under ``root`` (skipped if ``root`` already holds this exact set).
+
+    A root holding a set generated with other settings is an error listing the differences: a run's data is
+    never regenerated in place (that would silently change what an earlier run trained or is evaluated on).
+    """
     root = Path(root)
     wanted = {**asdict(config), "fps": fps}
     manifest = root / MANIFEST
-    if manifest.is_file() and json.loads(manifest.read_text()) == wanted:
-        return root
-    if root.exists() and any(root.iterdir()) and not manifest.is_file():
+    if manifest.is_file():
+        try:
+            found = json.loads(manifest.read_text(encoding="utf-8"))
+        except json.JSONDecodeError as err:
+            raise GeneratedDataMismatchError(f"{manifest}: not valid JSON ({err}); delete the folder to "
+                                             "regenerate it") from None
+        if found == wanted:
+            return root
+        differences = ", ".join(f"{key}: {found.get(key)!r} there, {wanted.get(key)!r} asked"
+                                for key in sorted(set(found) | set(wanted)) if found.get(key) != wanted.get(key))
+        raise GeneratedDataMismatchError(
+            f"{root}: holds a synthetic set generated with other settings ({differences}); it is not "
+            "regenerated in place: set another data.root, or delete the folder to regenerate it")
+    if root.exists() and any(root.iterdir()):
         raise FileExistsError(f"{root}: exists and is not a generated set ({MANIFEST} missing); pick another root")
-    for split in config.splits:
-        shutil.rmtree(root / split, ignore_errors=True)
     for split_index, (split, count) in enumerate(sorted(config.splits.items())):
         rng = np.random.default_rng([config.seed, split_index, zlib.crc32(split.encode())])
         for i in range(count):

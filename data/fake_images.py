@@ -25,13 +25,38 @@ def _write_file_atomic(path: Path, data: bytes) -> None:
 
 
 def write_png(path: Path, image: np.ndarray) -> None:
-    """``image``: (H, W) or (H, W, 3), float in [0, 1] or uint8."""
+    """``image``: (H, W) or (H, W, 3), float in [0, 1], uint8, or uint16 (a 16-bit PNG; also (H, W, 2|4))."""
     from PIL import Image
 
+    if image.dtype == np.uint16:
+        _write_file_atomic(path, png16_bytes(image))
+        return
     array = image if image.dtype == np.uint8 else (np.clip(image, 0.0, 1.0) * 255).round().astype(np.uint8)
     buffer = io.BytesIO()
     Image.fromarray(array).save(buffer, format="PNG")
     _write_file_atomic(path, buffer.getvalue())
+
+
+PNG_COLOUR_TYPES = {1: 0, 2: 4, 3: 2, 4: 6}  # channels -> PNG colour type (grey, grey+alpha, RGB, RGBA)
+
+
+def png16_bytes(image: np.ndarray) -> bytes:
+    """A 16-bit PNG of ``image`` (H, W[, 1|2|3|4]) uint16, encoded here: Pillow writes 16-bit grey only."""
+    import struct
+    import zlib
+
+    pixels = image[..., None] if image.ndim == 2 else image
+    height, width, channels = pixels.shape
+    if channels not in PNG_COLOUR_TYPES:
+        raise ValueError(f"a 16-bit PNG has 1 to 4 channels, got shape {image.shape}")
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    header = struct.pack(">IIBBBBB", width, height, 16, PNG_COLOUR_TYPES[channels], 0, 0, 0)
+    rows = b"".join(b"\x00" + pixels[y].astype(">u2").tobytes() for y in range(height))  # filter 0 per row
+    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(rows))
+            + chunk(b"IEND", b""))
 
 
 def write_image_dataset(

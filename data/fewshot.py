@@ -11,9 +11,10 @@ and its order where given; otherwise folder names / CSV labels are sorted):
   is a class name; paths are relative to the CSV's folder.
 - Image folders: ``train/<class>/*.png`` and ``test/<class>/*.png`` (optional ``val/``).
 
-Samples are dicts ``{"image": ..., "label": int, "path": str}``. Images are read when used: a file that
-cannot be decoded raises ``ImageReadError`` naming it; a label outside the class list raises
-``FewShotDataError`` naming the file (and line) that holds it.
+Samples are dicts ``{"image": ..., "label": int, "path": str}``. Images are read when used
+(``data.images.read_image``: any bit depth or mode, scaled to 8-bit RGB, never clipped); a file that cannot
+be decoded raises ``ImageReadError`` naming it; a label outside the class list raises ``FewShotDataError``
+naming the file (and line) that holds it.
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ from typing import Any
 
 import numpy as np
 
+from data.images import ImageReadError, read_image  # noqa: F401  (re-exported: callers import them here)
 from mm.errors import MMTuneError
 
 IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm"})
@@ -36,10 +38,6 @@ SPLITS = ("train", "val", "test")
 
 class FewShotDataError(MMTuneError, ValueError):
     """A listing, label or image of a few-shot dataset is wrong; the message names the file."""
-
-
-class ImageReadError(FewShotDataError):
-    """An image file is missing or cannot be decoded."""
 
 
 @dataclass(frozen=True)
@@ -62,21 +60,6 @@ class FewShotData:
         if name not in self.splits:
             raise FewShotDataError(f"{self.source}: no {name!r} split (found {sorted(self.splits)})")
         return self.splits[name]
-
-
-def read_image(path: str | Path) -> Any:
-    """The image at ``path`` as an RGB ``PIL.Image``, fully decoded; errors name the file."""
-    from PIL import Image, UnidentifiedImageError
-
-    path = Path(path)
-    try:
-        with Image.open(path) as image:
-            image.load()
-            return image.convert("RGB")
-    except FileNotFoundError:
-        raise ImageReadError(f"{path}: image file not found") from None
-    except (UnidentifiedImageError, OSError, ValueError) as err:
-        raise ImageReadError(f"{path}: cannot read image ({type(err).__name__}: {err})") from None
 
 
 class ImageDataset:

@@ -215,15 +215,13 @@ class InstructDataset:
     def load_image(self, record: dict) -> torch.Tensor | None:
         if record.get("image") is None:
             return None
-        from PIL import Image
+        from data.images import ImageReadError, read_image
 
         path = self.image_root / record["image"]
         try:
-            with Image.open(path) as image:
-                return self.image_transform(image.convert("RGB"))
-        except OSError as err:
-            raise InstructDataError(f"{self.path}: record {record.get('id')!r}: cannot read image {path} "
-                                    f"({err})") from err
+            return self.image_transform(read_image(path))
+        except ImageReadError as err:  # its message starts with the image's path
+            raise InstructDataError(f"{self.path}: record {record.get('id')!r}: {err}") from None
 
     def __getitem__(self, index: int) -> dict[str, Any]:
         record = self.records[index]

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import numpy as np
 import pytest
 import soundfile
@@ -102,17 +104,23 @@ def test_word_spans_cover_the_spoken_words(engine):
     (lambda f: (f / "u.txt").write_text("  \n"), r"u.txt: empty transcript"),
     (lambda f: (f / "u.npy").write_bytes(b"garbage"), r"u.npy: unreadable frames"),
 ])
-def test_bad_utterances_name_the_file_or_are_skipped(tmp_path, damage, message):
+def test_bad_utterances_name_the_file_or_are_skipped(tmp_path, capsys, damage, message):
     folder = tmp_path / "train" / "spk0"
     write(folder, "u")
     write(folder, "v")
     damage(folder)
     with pytest.raises(AVSRDataError, match=message):
         AVSRDataset(config(tmp_path), "train")
-    ds = AVSRDataset(config(tmp_path, on_error="skip"), "train")
+    with pytest.raises(AVSRDataError, match="skipped 1 of 2 utterances.*more than data.max_skipped_fraction=0.1"):
+        AVSRDataset(config(tmp_path, on_error="skip"), "train")
+    capsys.readouterr()
+    ds = AVSRDataset(config(tmp_path, on_error="skip", max_skipped_fraction=0.5), "train")
     assert [u.id for u in ds.utterances] == ["spk0/v"] and ds.skipped_count == 1
     (skipped,) = ds.skipped.values()
     assert skipped[0].endswith("spk0/u")
+    (report,) = capsys.readouterr().err.splitlines()  # the skip is said, with the file and its reason
+    assert "skipped 1 of 2 utterances (on_error: skip)" in report
+    assert re.search(message, report), report
 
 
 def test_mismatch_within_tolerance_passes_and_too_long_is_refused(tmp_path):

@@ -271,39 +271,88 @@ def check_methods(settings: FewShotSettings) -> dict[str, Recipe]:
     return recipes
 
 
+def preflight(settings: FewShotSettings, data: FewShotData) -> dict[tuple[int, int], list]:
+    """Everything a run needs, checked before any model is built so that no result is lost to a late error:
+    shot counts and seeds, the train and test splits, enough training images in every class for the largest
+    shot count, every image file used present, and a writable output folder. Returns the K-shot sample of
+    every (shots, seed)."""
+    import tempfile
+    from collections import Counter
+
+    from data.fewshot import FewShotDataError, ImageReadError
+
+    if not settings.shots or min(settings.shots) < 1:
+        raise mm.ConfigError(f"--shots: expected shot counts >= 1, got {settings.shots}")
+    if not settings.seeds or not settings.methods:
+        raise mm.ConfigError(f"--seeds / --methods: expected at least one each, got {settings.seeds}, "
+                             f"{settings.methods}")
+    repeated = sorted({m for m in settings.methods if settings.methods.count(m) > 1})
+    if repeated:
+        raise mm.ConfigError(f"--methods: {repeated} given more than once")
+    train, test = data.split("train"), data.split("test")
+    counts, need = Counter(s.label for s in train), max(settings.shots)
+    short = [f"{name!r} has {counts.get(i, 0)}" for i, name in enumerate(data.classes) if counts.get(i, 0) < need]
+    if short:
+        raise FewShotDataError(f"{data.source}: --shots {need} needs {need} training images in every class; "
+                               f"class {'; class '.join(short)}")
+    shot_sets = {(k, seed): sample_k_shot(train, k, seed, data.classes)
+                 for k in settings.shots for seed in settings.seeds}
+    used = {s.path for s in test} | {s.path for samples in shot_sets.values() for s in samples}
+    missing = sorted(str(p) for p in used if not Path(p).is_file())
+    if missing:
+        more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
+        raise ImageReadError(f"{missing[0]}: image file not found{more}; listed by {data.source}")
+    out_dir = Path(settings.out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    with tempfile.NamedTemporaryFile(dir=out_dir, prefix=".write-test-"):
+        pass  # an unwritable folder fails here (PermissionError naming it), not after the first results
+    return shot_sets
+
+
 def run_fewshot(settings: FewShotSettings, log: Callable[[str], None] = print) -> dict[str, Any]:
-    """Runs every method, shot count and seed; returns ``{"settings", "classes", "records"}``."""
-    from tqdm.auto import tqdm
+    """Runs every method, shot count and seed; returns ``{"settings", "classes", "records"}``. The JSON and
+    table of the finished runs are rewritten after each one (``fewshot_report.write_progress``)."""
+    from train.engine.progress import progress_bar
+    from train.tasks.fewshot_report import write_progress
 
     recipes = check_methods(settings)  # fail on a bad recipe before any heavy work
     data = select_classes(load_fewshot_data(settings.data), settings.classes)
+    shot_sets = preflight(settings, data)
     bundle = create_clip(settings.model, settings.pretrained, device=settings.device)
     cache = ImageCache(bundle.preprocess)
     test_x, test_y = cache.stack(data.split("test"))
+    for samples in shot_sets.values():
+        cache.stack(samples)  # decode every training image now: a broken file fails before any result
     test_x = test_x.to(settings.device)
     log(f"{settings.model} ({settings.pretrained or 'random init'}) on {data.source} [{data.layout}]: "
         f"{len(data.classes)} classes ({settings.classes}), {len(data.split('train'))} train / {len(test_y)} test images")
     base, records = bundle.model, []
+    results = {"settings": asdict(settings), "classes": data.classes, "records": []}
+
+    def keep(record: RunRecord) -> None:
+        records.append(record)
+        results["records"] = [asdict(r) for r in records]
+        write_progress(results, settings.out_dir)
+
     zero_head = make_head(bundle, base, data.classes, settings.templates)
     frozen_test = encode_images(base, test_x, settings.eval_batch_size)
     if "zero-shot" in settings.methods:
         accuracy_zs = (zero_head(frozen_test).argmax(-1).cpu() == test_y).float().mean().item()
-        records.append(RunRecord("zero-shot", 0, None, accuracy_zs, 0, 0.0))
+        keep(RunRecord("zero-shot", 0, None, accuracy_zs, 0, 0.0))
     trained = [m for m in settings.methods if m != "zero-shot"]
-    bar = tqdm(total=len(settings.shots) * len(settings.seeds) * len(trained), disable=not settings.progress,
-               desc="few-shot", unit="run")
+    bar = progress_bar(len(settings.shots) * len(settings.seeds) * len(trained), "few-shot", settings.progress,
+                       unit="run")
     for shots in settings.shots:
         for seed in settings.seeds:
-            train_samples = sample_k_shot(data.split("train"), shots, seed, data.classes)
-            train_x, train_y = cache.stack(train_samples)
+            train_x, train_y = cache.stack(shot_sets[shots, seed])
             train_x, train_y = train_x.to(settings.device), train_y.to(settings.device)
             for method in trained:
                 bar.set_postfix_str(f"{method} {shots}-shot seed {seed}")
-                records.append(_run_method(method, recipes.get(method), settings, bundle, data, shots, seed,
-                                           (train_x, train_y), (test_x, test_y), frozen_test))
+                keep(_run_method(method, recipes.get(method), settings, bundle, data, shots, seed,
+                                 (train_x, train_y), (test_x, test_y), frozen_test))
                 bar.update()
     bar.close()
-    return {"settings": asdict(settings), "classes": data.classes, "records": [asdict(r) for r in records]}
+    return results
 
 
 def _run_method(method: str, recipe: Recipe | None, settings: FewShotSettings, bundle: ClipBundle,

@@ -1,10 +1,12 @@
 """Reports of a few-shot run: a Markdown table (mean and std over seeds, trainable parameters, train time),
-the JSON of every run, and a PNG plot of accuracy against shots."""
+the JSON of every run (valid JSON: null, not NaN; rewritten after every finished run), and a PNG plot of
+accuracy against shots."""
 
 from __future__ import annotations
 
 import io
 import json
+import math
 import statistics
 from collections.abc import Sequence
 from pathlib import Path
@@ -83,16 +85,41 @@ def plot_png(rows: Sequence[dict[str, Any]], title: str) -> bytes:
     return buffer.getvalue()
 
 
+def json_safe(value: Any) -> Any:
+    """``value`` with NaN/inf floats as None, so the file is valid JSON (which has no NaN)."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {key: json_safe(item) for key, item in value.items()}
+    if isinstance(value, list | tuple):
+        return [json_safe(item) for item in value]
+    return value
+
+
+def _write_json(path: Path, payload: dict[str, Any]) -> Path:
+    text = json.dumps(json_safe(payload), indent=1, allow_nan=False)
+    return atomic_write(path, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
+
+
+def _write_table(path: Path, table: str) -> Path:
+    return atomic_write(path, lambda tmp: Path(tmp).write_text(table + "\n", encoding="utf-8"))
+
+
+def write_progress(results: dict[str, Any], out_dir: str | Path) -> dict[str, Path]:
+    """The JSON (``"complete": false``) and table of the runs finished so far, each written atomically, so
+    a later failure or interruption keeps them; ``write_reports`` replaces both at the end."""
+    out_dir = Path(out_dir)
+    rows = summarize(results["records"])
+    return {"table": _write_table(out_dir / TABLE_FILE, markdown_table(rows)),
+            "json": _write_json(out_dir / JSON_FILE, {**results, "summary": rows, "complete": False})}
+
+
 def write_reports(results: dict[str, Any], out_dir: str | Path, title: str = "few-shot accuracy") -> dict[str, Path]:
     """The table, JSON and plot under ``out_dir`` (each written atomically); returns their paths."""
     out_dir = Path(out_dir)
     rows = summarize(results["records"])
-    table = markdown_table(rows)
-    payload = {**results, "summary": rows}
-    paths = {
-        "table": atomic_write(out_dir / TABLE_FILE, lambda tmp: Path(tmp).write_text(table + "\n", encoding="utf-8")),
-        "json": atomic_write(out_dir / JSON_FILE,
-                             lambda tmp: Path(tmp).write_text(json.dumps(payload, indent=1), encoding="utf-8")),
+    return {
+        "table": _write_table(out_dir / TABLE_FILE, markdown_table(rows)),
+        "json": _write_json(out_dir / JSON_FILE, {**results, "summary": rows, "complete": True}),
         "plot": atomic_write(out_dir / PLOT_FILE, lambda tmp: Path(tmp).write_bytes(plot_png(rows, title))),
     }
-    return paths
