@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import os
+import stat
 
 import pytest
 import safetensors.torch
@@ -152,3 +154,13 @@ def test_merged_adapter_refuses_disable():
     mm.merge(model)
     with pytest.raises(RuntimeError, match="merged; call mm.unmerge first"), mm.disable_adapters(model):
         pass
+
+
+@pytest.mark.parametrize("umask, mode", [(0o022, 0o644), (0o077, 0o600)])
+def test_saved_files_follow_the_umask(tmp_path, umask, mode):
+    old = os.umask(umask)
+    try:
+        path = mm.save_adapters(_adapted(), tmp_path / "a.safetensors")
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE(path.stat().st_mode) == mode
