@@ -1,57 +1,54 @@
-"""M3LEO-style Earth-observation chips (GeoTIFF, read with rasterio) as dict samples.
+"""The M3LEO release (and M3LEO-miniset) as dict samples: GeoTIFF and NetCDF products of each chip.
 
-Layout, as in M3LEO's public framework: a split CSV ``<root>/<region>/<name>_splits....csv`` with columns
-``identifier, split`` names the chips; each product lives in the folder the CSV's name leads to
-(``<root>/<region>/<name>/<product folder>/<identifier>.tif``). Products and band order mirror M3LEO:
+Layout, as in the release and the authors' ``BaseDataset``: a split CSV
+``<root>/<region>/<region>_partitions_aschips_<hash>_splits_....csv`` with columns ``identifier, split``
+names the chips; each product lives in the folder the CSV's name leads to, i.e. everything before
+``_splits`` (``<root>/<region>/<region>_partitions_aschips_<hash>/<product folder>/<identifier>.<tif|nc>``).
+The products, their formats, bands/variables, units and normalisation are in ``data/m3leo_products.py``
+and docs/eo.md.
 
-- ``s1grd``: Sentinel-1 GRD seasonal composites, 16 bands ``{season}_{vv|vh}{asc|des}`` (linear power here;
-  ``sar_db`` converts to decibels).
-- ``gssic``: seasonal interferometric coherence ``{season}_coh{12|24|36|48}`` (repeat interval in days).
-- ``gunw``: interferograms, ``{end}_{start}_{unwrappedPhase|coherence}`` per date pair.
-- ``s2rgbm``: monthly Sentinel-2 RGB ``{month}_{red|green|blue}`` (uint8, scaled by 1/255 as M3LEO does).
-- ``s2msi``: Sentinel-2 L2A multispectral ``B01 ... B12`` (reflectance x 10,000; nodata 0). M3LEO v2 adds
-  multispectral data; the folder name ``s2msi-<year>`` is this project's.
-- labels: ``esaworldcover`` (ESA WorldCover codes 10 ... 100, nodata 0) -> an 11-class presence vector;
-  ``ghsbuilts`` (GHS-BUILT-S built-up m2 per 10 m pixel) -> built-up fraction; ``biomass`` (ESA CCI AGB,
-  bands ``agb, agb_se``, Mg/ha) -> mean AGB; ``srtmdem`` (metres) -> mean elevation.
+Labels: ``landcover`` (an 11-class ESA WorldCover presence vector), ``landcover_map`` (per-pixel class
+index 0-10, -1 where unmapped: the M3LEO segmentation baseline), ``builtup`` (fraction), ``biomass``
+(ESA CCI AGB, Mg/ha, NetCDF variable ``agb``) and ``elevation`` (SRTM, m) as chip means.
 
-Nodata values and NaNs become a boolean mask (``<modality>_mask``) and a 0 in the normalised tensor, so no
-NaN reaches a loss. Per-band mean/std come from one streaming pass over the training split and are cached
-in a JSON file. A chip whose file is unreadable, has the wrong band count or a CRS that differs from the
-chip's other modalities is an ``M3LEOError`` naming the file, or is skipped and counted (``on_error: skip``).
+Nodata and NaN become a boolean mask (``<modality>_mask``) and a 0 in the normalised tensor (the rule is in
+``data/raster.py``), so no NaN reaches a loss. Per-band mean/std come from one streaming pass over the
+training split, cached as JSON. A chip whose file is missing or malformed, or whose products do not share
+overlapping bounds (compared in one CRS), is an ``M3LEOError`` naming the file, or is skipped and counted
+(``on_error: skip``). Samples carry ``crs``, ``transform`` and ``bounds`` of their first modality.
 """
 
 from __future__ import annotations
 
 import csv
-import fnmatch
 import hashlib
 import json
-import math
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
 
+from data.m3leo_io import GunwSelection, match_bands, read_product
 from data.m3leo_products import (  # noqa: F401  (re-exported: callers import them from data.m3leo)
     GSSIC_BANDS,
-    GUNW_BANDS,
-    GUNW_DATEPAIRS,
     LABELS,
     MONTHS,
     PRODUCTS,
     REGRESSION_LABELS,
     S1GRD_BANDS,
-    S2MSI_BANDS,
     S2RGBM_BANDS,
+    S2SRM_BANDS,
     SEASONS,
     WORLDCOVER_CLASSES,
     WORLDCOVER_CODES,
     M3LEOError,
     Product,
 )
+from data.raster import Raster
 from mm.config import ConfigError
+
+LABELS = {**LABELS, "landcover_map": "esaworldcover"}
 
 
 @dataclass
@@ -61,18 +58,25 @@ class M3LEODataConfig:
     split_file: str = field(default="", metadata={"help": "M3LEO split CSV (columns identifier, split); the "
                                                           "product folders sit beside it (see data/m3leo.py)."})
     year: int = field(default=2020, metadata={"help": "Product year in the folder names (s1grd-2020, ...)."})
+    gunw_period: str = field(default="2020-01-01_2020-03-31", metadata={
+        "help": "The gunw folder's period: gunw-<period> (M3LEO) or gunw_<period> (miniset)."})
+    gunw_min_days: int = field(default=0, metadata={"help": "gunw: shortest date-pair span used (days)."})
+    gunw_max_days: int = field(default=9999, metadata={"help": "gunw: longest date-pair span used (days)."})
+    gunw_rule: Literal["mean", "shortest", "longest"] = field(
+        default="mean", metadata={"help": "gunw: mean of the selected pairs, or the shortest / longest one."})
     modalities: dict[str, Any] = field(
         default_factory=lambda: {"s1grd": None},
         metadata={"help": "Input product -> band names or fnmatch patterns ('*_vvasc'); null takes all bands."})
-    labels: list[str] = field(default_factory=lambda: ["landcover"],
-                              metadata={"help": "Targets: landcover, builtup, biomass, elevation."})
-    sar_db: bool = field(default=True, metadata={"help": "Convert linear SAR power (s1grd) to decibels."})
+    labels: list[str] = field(default_factory=lambda: ["landcover"], metadata={
+        "help": "Targets: landcover (presence), landcover_map (segmentation), builtup, biomass, elevation."})
+    sar_db: bool = field(default=False, metadata={
+        "help": "Convert s1grd from linear power to dB. The M3LEO release stores dB already: leave false."})
     normalize: bool = field(default=True, metadata={"help": "Standardise each band by train-split mean/std."})
     stats_dir: str | None = field(default=None, metadata={"help": "Cache folder of normalisation statistics "
                                                                   "(default: .stats beside the split CSV)."})
     on_error: Literal["raise", "skip"] = field(
-        default="raise", metadata={"help": "A bad chip (unreadable, wrong band count, CRS mismatch): raise an "
-                                           "error naming the file, or skip the chip and count it."})
+        default="raise", metadata={"help": "A bad chip (missing or unreadable file, missing variable, bounds "
+                                           "that do not overlap): raise an error naming the file, or skip and count."})
     presence_threshold: float = field(
         default=0.01, metadata={"help": "A land-cover class is present when it covers at least this fraction "
                                         "of the chip's valid pixels."})
@@ -89,33 +93,24 @@ class M3LEODataConfig:
                 raise ConfigError(f"data: key 'modalities.{name}' is not an input product; known: {', '.join(inputs)}")
             if bands is not None and not (isinstance(bands, list) and all(isinstance(b, str) for b in bands)):
                 raise ConfigError(f"data: key 'modalities.{name}' must be a list of band names or null, got {bands!r}")
-            select_bands(PRODUCTS[name], bands)
+            try:
+                match_bands(PRODUCTS[name].bands, bands, name)
+            except M3LEOError as err:
+                raise ConfigError(f"data: key 'modalities.{name}': {err.problem}") from None
         for label in self.labels:
             if label not in LABELS:
                 raise ConfigError(f"data: key 'labels' has unknown label {label!r}; known: {', '.join(LABELS)}")
         if not 0.0 <= self.presence_threshold < 1.0:
             raise ConfigError(f"data: key 'presence_threshold' must be in [0, 1), got {self.presence_threshold}")
-
-
-def select_bands(product: Product, patterns: list[str] | None) -> list[int]:
-    """Indices (file order) of the bands ``patterns`` names; each pattern must match at least one band."""
-    if patterns is None:
-        return list(range(len(product.bands)))
-    chosen: list[int] = []
-    for pattern in patterns:
-        hits = [i for i, band in enumerate(product.bands) if fnmatch.fnmatchcase(band, pattern)]
-        if not hits:
-            raise ConfigError(f"data: band {pattern!r} matches no band of {product.name}; "
-                              f"bands: {', '.join(product.bands)}")
-        chosen.extend(i for i in hits if i not in chosen)
-    return chosen
+        if self.gunw_min_days > self.gunw_max_days:
+            raise ConfigError("data: key 'gunw_min_days' is larger than 'gunw_max_days'")
 
 
 # ---------------------------------------------------------------------------- layout
 
 
 def dataset_folder(split_file: str | Path) -> Path:
-    """M3LEO's rule: the product folders live under the split CSV's path up to ``_splits``."""
+    """The authors' rule: the product folders live under the split CSV's path up to ``_splits``."""
     split_file = Path(split_file)
     stem = split_file.name.split("_splits")[0]
     if stem == split_file.name:
@@ -123,8 +118,13 @@ def dataset_folder(split_file: str | Path) -> Path:
     return split_file.parent / stem
 
 
-def chip_path(split_file: str | Path, product: str, identifier: str, year: int = 2020) -> Path:
-    return dataset_folder(split_file) / PRODUCTS[product].folder_name(year) / f"{identifier}.tif"
+def chip_path(split_file: str | Path, product: str, identifier: str, year: int = 2020,
+              period: str = "2020-01-01_2020-03-31") -> Path:
+    """The chip's file; of gunw's two folder spellings, the one that exists (else the first)."""
+    spec = PRODUCTS[product]
+    folders = [dataset_folder(split_file) / name for name in spec.folder_names(year, period)]
+    folder = next((f for f in folders if f.is_dir()), folders[0])
+    return folder / f"{identifier}.{spec.fmt}"
 
 
 def read_split(split_file: str | Path, split: str) -> list[str]:
@@ -142,39 +142,7 @@ def read_split(split_file: str | Path, split: str) -> list[str]:
     return ids
 
 
-# ---------------------------------------------------------------------------- reading chips
-
-
-def _open_checked(path: Path, product: Product) -> Any:
-    import rasterio
-
-    try:
-        src = rasterio.open(path)
-    except Exception as err:  # rasterio raises RasterioIOError and others for bad files
-        raise M3LEOError(path, f"unreadable {product.name} chip ({err})") from None
-    if src.count != len(product.bands):
-        src.close()
-        raise M3LEOError(path, f"{product.name} chip has {src.count} bands, expected {len(product.bands)} "
-                         f"({', '.join(product.bands[:4])}{', ...' if len(product.bands) > 4 else ''})")
-    return src
-
-
-def read_chip(path: Path, product: Product, band_index: list[int]) -> tuple[np.ndarray, np.ndarray, Any]:
-    """(values float32 (C, H, W) in physical units, valid mask (C, H, W), CRS) of the chosen bands."""
-    src = _open_checked(path, product)
-    with src:
-        try:
-            raw = src.read([i + 1 for i in band_index])
-        except Exception as err:
-            raise M3LEOError(path, f"cannot read {product.name} bands ({err})") from None
-        crs = src.crs
-        nodata = src.nodata if src.nodata is not None else product.nodata
-    values = raw.astype(np.float32)
-    valid = np.isfinite(values)
-    if nodata is not None and not (isinstance(nodata, float) and math.isnan(nodata)):
-        valid &= raw != nodata
-    values = np.where(valid, values * np.float32(product.scale), np.float32(0.0))
-    return values, valid, crs
+# ---------------------------------------------------------------------------- label maths
 
 
 def to_db(values: np.ndarray, valid: np.ndarray, floor: float = 1e-6) -> tuple[np.ndarray, np.ndarray]:
@@ -183,37 +151,160 @@ def to_db(values: np.ndarray, valid: np.ndarray, floor: float = 1e-6) -> tuple[n
     return np.where(valid, 10.0 * np.log10(np.maximum(values, floor)), 0.0).astype(np.float32), valid
 
 
-def landcover_presence(codes: np.ndarray, valid: np.ndarray, threshold: float) -> tuple[np.ndarray, bool]:
-    """Multi-hot (11,) of WorldCover classes covering >= ``threshold`` of the valid pixels; False if none valid."""
-    n_valid = int(valid.sum())
+def landcover_classes(codes: np.ndarray, valid: np.ndarray) -> np.ndarray:
+    """(H, W) int64 class index into WORLDCOVER_CODES; -1 where unmapped or not a WorldCover code."""
+    index = np.full(codes.shape, -1, np.int64)
+    for k, code in enumerate(WORLDCOVER_CODES):
+        index[(codes == code) & valid] = k
+    return index
+
+
+def landcover_presence(classes: np.ndarray, threshold: float) -> tuple[np.ndarray, bool]:
+    """Multi-hot (11,) of classes covering >= ``threshold`` of the mapped pixels; False if none is mapped."""
+    n_valid = int((classes >= 0).sum())
     if n_valid == 0:
         return np.zeros(len(WORLDCOVER_CODES), np.float32), False
-    fractions = np.array([((codes == c) & valid).sum() / n_valid for c in WORLDCOVER_CODES])
-    present = (fractions > 0) & (fractions >= threshold)
-    return present.astype(np.float32), True
+    fractions = np.bincount(classes[classes >= 0], minlength=len(WORLDCOVER_CODES)) / n_valid
+    return ((fractions > 0) & (fractions >= threshold)).astype(np.float32), True
 
 
-def dominant_landcover(codes: np.ndarray, valid: np.ndarray) -> int:
-    """Index (into WORLDCOVER_CODES) of the class covering most valid pixels; -1 when none are valid."""
-    counts = [int(((codes == c) & valid).sum()) for c in WORLDCOVER_CODES]
-    return int(np.argmax(counts)) if max(counts) > 0 else -1
+def dominant_landcover(classes: np.ndarray) -> int:
+    """The class index covering most mapped pixels; -1 when none is mapped."""
+    counts = np.bincount(classes[classes >= 0], minlength=len(WORLDCOVER_CODES))
+    return int(np.argmax(counts)) if counts.max() > 0 else -1
 
 
-# ---------------------------------------------------------------------------- normalisation statistics
+# ---------------------------------------------------------------------------- the dataset
 
 
-def _merge_moments(acc: np.ndarray, values: np.ndarray, valid: np.ndarray) -> None:
-    """Fold one chip into per-band (count, mean, M2) rows of ``acc`` (Chan et al.'s pairwise update)."""
-    for b in range(values.shape[0]):
-        x = values[b][valid[b]].astype(np.float64)
-        if x.size == 0:
-            continue
-        n_a, mean_a, m2_a = acc[b]
-        n_b, mean_b = float(x.size), float(x.mean())
-        m2_b = float(((x - mean_b) ** 2).sum())
-        n = n_a + n_b
-        delta = mean_b - mean_a
-        acc[b] = (n, mean_a + delta * n_b / n, m2_a + m2_b + delta * delta * n_a * n_b / n)
+class M3LEODataset:
+    """Dict samples of one split: ``{"id", <modality>: (C, H, W), <modality>_mask, <label>, <label>_valid,
+    "crs", "transform", "bounds"}``. ``skipped`` maps each skipped chip file to the reason."""
+
+    def __init__(self, config: M3LEODataConfig, split: str = "train") -> None:
+        self.config, self.split = config, split
+        self.gunw = GunwSelection(config.gunw_min_days, config.gunw_max_days, config.gunw_rule)
+        self.label_products = list(dict.fromkeys(LABELS[label] for label in config.labels))
+        self.skipped: dict[str, str] = {}
+        self.band_names: dict[str, list[str]] = {}
+        self.ids = self._usable(read_split(config.split_file, split))
+        if not self.ids:
+            raise M3LEOError(config.split_file, f"every chip of split {split!r} was skipped: "
+                             f"{_preview(self.skipped)}")
+        self.band_index = {name: list(range(len(bands))) for name, bands in self.band_names.items()}
+        self.stats = self._statistics() if config.normalize else {}
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def path(self, product: str, identifier: str) -> Path:
+        return chip_path(self.config.split_file, product, identifier, self.config.year, self.config.gunw_period)
+
+    def read(self, product: str, identifier: str) -> Raster:
+        patterns = self.config.modalities.get(product) if product in self.config.modalities else None
+        return read_product(self.path(product, identifier), PRODUCTS[product], patterns, self.gunw)
+
+    def _usable(self, ids: list[str]) -> list[str]:
+        keep = []
+        for identifier in ids:
+            try:
+                self._check_chip(identifier)
+            except M3LEOError as err:
+                if self.config.on_error == "raise":
+                    raise
+                self.skipped[err.path] = err.problem
+                continue
+            keep.append(identifier)
+        return keep
+
+    def _check_chip(self, identifier: str) -> None:
+        """Every product reads, the inputs keep their band names, and their bounds overlap (in one CRS)."""
+        first: tuple[Path, Raster] | None = None
+        for product in [*self.config.modalities, *self.label_products]:
+            path = self.path(product, identifier)
+            raster = self.read(product, identifier)
+            if product in self.config.modalities:
+                known = self.band_names.setdefault(product, raster.bands)
+                if raster.bands != known:
+                    raise M3LEOError(path, f"bands {raster.bands[:4]}... differ from {known[:4]}... of other chips")
+            if first is None:
+                first = (path, raster)
+                continue
+            if not _overlap(bounds_in(raster, first[1].crs), first[1].bounds):
+                raise M3LEOError(path, f"bounds {_fmt(raster.bounds)} do not overlap {_fmt(first[1].bounds)} of "
+                                 f"{first[0]} (same chip, other product)")
+
+    def _read_input(self, product: str, identifier: str) -> Raster:
+        raster = self.read(product, identifier)
+        if product == "s1grd" and self.config.sar_db:
+            raster.values, raster.valid = to_db(raster.values, raster.valid)
+        return raster
+
+    def _statistics(self) -> dict[str, BandStats]:
+        """Per-band mean/std of the training split, computed once by streaming and cached as JSON."""
+        train = self if self.split == "train" else M3LEODataset(_replace(self.config, normalize=False), "train")
+        folder = Path(self.config.stats_dir) if self.config.stats_dir else Path(self.config.split_file).parent / ".stats"
+        out = {}
+        for product, bands in self.band_names.items():
+            key = json.dumps({"product": product, "bands": bands, "db": self.config.sar_db, "gunw": asdict(self.gunw),
+                              "split_file": str(Path(self.config.split_file).resolve()), "year": self.config.year,
+                              "chips": train.ids}, sort_keys=True)
+            path = folder / f"{product}-{hashlib.sha1(key.encode()).hexdigest()[:16]}.json"
+            if path.is_file():
+                out[product] = BandStats(**json.loads(path.read_text()))
+                continue
+            acc = np.zeros((len(bands), 3), np.float64)
+            for identifier in train.ids:
+                raster = train._read_input(product, identifier)
+                merge_moments(acc, raster.values, raster.valid)
+            std = np.sqrt(acc[:, 2] / np.maximum(acc[:, 0], 1.0))
+            stats = BandStats(product, bands, acc[:, 1].tolist(), np.where(std > 0, std, 1.0).tolist(),
+                              acc[:, 0].tolist(), len(train.ids))
+            write_json(path, asdict(stats))
+            out[product] = stats
+        return out
+
+    def __getitem__(self, i: int) -> dict[str, Any]:
+        import torch
+
+        identifier = self.ids[i]
+        sample: dict[str, Any] = {"id": identifier}
+        for product in self.config.modalities:
+            raster = self._read_input(product, identifier)
+            values = raster.values
+            if product in self.stats:
+                mean, std = self.stats[product].arrays()
+                values = np.where(raster.valid, (values - mean) / std, 0.0).astype(np.float32)
+            sample[product] = torch.from_numpy(values)
+            sample[f"{product}_mask"] = torch.from_numpy(raster.valid)
+            if "crs" not in sample:
+                sample.update(georef(raster))
+        for product in self.label_products:
+            sample.update(self._labels(product, identifier))
+        return sample
+
+    def _labels(self, product: str, identifier: str) -> dict[str, Any]:
+        import torch
+
+        raster = self.read(product, identifier)
+        values, valid = raster.values[0], raster.valid[0]
+        out: dict[str, Any] = {}
+        if product == "esaworldcover":
+            classes = landcover_classes(values, valid)
+            present, ok = landcover_presence(classes, self.config.presence_threshold)
+            out = {"landcover": torch.from_numpy(present), "landcover_valid": torch.tensor(ok),
+                   "landcover_dominant": dominant_landcover(classes), "landcover_map": torch.from_numpy(classes),
+                   "landcover_map_valid": torch.tensor(ok)}
+            return out
+        label = next(name for name, p in LABELS.items() if p == product)
+        ok = bool(valid.any())
+        mean = float(values[valid].mean()) if ok else 0.0
+        if label == "builtup":
+            mean /= 100.0  # GHS-BUILT-S: built-up m2 in a 10 m (100 m2) pixel
+        return {label: torch.tensor(mean, dtype=torch.float32), f"{label}_valid": torch.tensor(ok)}
+
+
+# ---------------------------------------------------------------------------- helpers
 
 
 @dataclass
@@ -229,122 +320,46 @@ class BandStats:
         return np.asarray(self.mean, np.float32)[:, None, None], np.asarray(self.std, np.float32)[:, None, None]
 
 
-# ---------------------------------------------------------------------------- the dataset
+def merge_moments(acc: np.ndarray, values: np.ndarray, valid: np.ndarray) -> None:
+    """Fold one chip into per-band (count, mean, M2) rows of ``acc`` (Chan et al.'s pairwise update)."""
+    for b in range(values.shape[0]):
+        x = values[b][valid[b]].astype(np.float64)
+        if x.size == 0:
+            continue
+        n_a, mean_a, m2_a = acc[b]
+        n_b, mean_b = float(x.size), float(x.mean())
+        m2_b = float(((x - mean_b) ** 2).sum())
+        n = n_a + n_b
+        delta = mean_b - mean_a
+        acc[b] = (n, mean_a + delta * n_b / n, m2_a + m2_b + delta * delta * n_a * n_b / n)
 
 
-class M3LEODataset:
-    """Dict samples of one split: ``{"id", <modality>: (C, H, W), <modality>_mask, <label>, <label>_valid}``.
+def georef(raster: Raster) -> dict[str, Any]:
+    """``crs`` (string, '' when unknown), ``transform`` (6,) and ``bounds`` (4,) float64 tensors."""
+    import torch
 
-    ``landcover`` is an (11,) multi-hot of ESA WorldCover classes (``landcover_dominant``: the majority
-    class index); ``builtup`` (fraction), ``biomass`` (Mg/ha) and ``elevation`` (m) are scalars.
-    ``skipped`` maps each skipped chip file to the reason (``on_error: skip``).
-    """
+    return {"crs": raster.crs or "", "transform": torch.tensor(raster.transform, dtype=torch.float64),
+            "bounds": torch.tensor(raster.bounds, dtype=torch.float64)}
 
-    def __init__(self, config: M3LEODataConfig, split: str = "train") -> None:
-        self.config, self.split = config, split
-        self.band_index = {name: select_bands(PRODUCTS[name], pats) for name, pats in config.modalities.items()}
-        self.label_products = list(dict.fromkeys(LABELS[label] for label in config.labels))
-        self.skipped: dict[str, str] = {}
-        self.ids = self._usable(read_split(config.split_file, split))
-        if not self.ids:
-            raise M3LEOError(config.split_file, f"every chip of split {split!r} was skipped: "
-                             f"{_preview(self.skipped)}")
-        self.stats = self._statistics() if config.normalize else {}
 
-    def __len__(self) -> int:
-        return len(self.ids)
+def bounds_in(raster: Raster, crs: str | None) -> tuple[float, float, float, float]:
+    """The raster's bounds in ``crs`` (unchanged when either CRS is unknown or they are the same)."""
+    if not raster.crs or not crs:
+        return raster.bounds
+    from rasterio.crs import CRS
+    from rasterio.warp import transform_bounds
 
-    def path(self, product: str, identifier: str) -> Path:
-        return chip_path(self.config.split_file, product, identifier, self.config.year)
+    if CRS.from_user_input(raster.crs) == CRS.from_user_input(crs):
+        return raster.bounds
+    return transform_bounds(CRS.from_user_input(raster.crs), CRS.from_user_input(crs), *raster.bounds)
 
-    def _usable(self, ids: list[str]) -> list[str]:
-        """The chips whose every file opens with the right band count and one shared CRS."""
-        keep = []
-        for identifier in ids:
-            try:
-                self._check_chip(identifier)
-            except M3LEOError as err:
-                if self.config.on_error == "raise":
-                    raise
-                self.skipped[err.path] = err.problem
-                continue
-            keep.append(identifier)
-        return keep
 
-    def _check_chip(self, identifier: str) -> None:
-        first: tuple[Path, Any] | None = None
-        for product in [*self.band_index, *self.label_products]:
-            path = self.path(product, identifier)
-            with _open_checked(path, PRODUCTS[product]) as src:
-                crs = src.crs
-            if first is None:
-                first = (path, crs)
-            elif crs != first[1]:
-                raise M3LEOError(path, f"CRS {crs} differs from {first[1]} of {first[0]} (same chip, other "
-                                 f"modality)")
+def _overlap(a: tuple[float, ...], b: tuple[float, ...]) -> bool:
+    return a[0] < b[2] and b[0] < a[2] and a[1] < b[3] and b[1] < a[3]
 
-    def _read_input(self, product: str, identifier: str) -> tuple[np.ndarray, np.ndarray]:
-        spec = PRODUCTS[product]
-        values, valid, _ = read_chip(self.path(product, identifier), spec, self.band_index[product])
-        if spec.sar_power and self.config.sar_db:
-            values, valid = to_db(values, valid)
-        return values, valid
 
-    def _statistics(self) -> dict[str, BandStats]:
-        """Per-band mean/std of the training split, computed once by streaming and cached as JSON."""
-        train = self if self.split == "train" else M3LEODataset(_replace(self.config, normalize=False), "train")
-        folder = Path(self.config.stats_dir) if self.config.stats_dir else Path(self.config.split_file).parent / ".stats"
-        out = {}
-        for product, index in self.band_index.items():
-            bands = [PRODUCTS[product].bands[i] for i in index]
-            key = json.dumps({"product": product, "bands": bands, "db": self.config.sar_db and PRODUCTS[product].sar_power,
-                              "split_file": str(Path(self.config.split_file).resolve()), "year": self.config.year,
-                              "chips": train.ids}, sort_keys=True)
-            path = folder / f"{product}-{hashlib.sha1(key.encode()).hexdigest()[:16]}.json"
-            if path.is_file():
-                out[product] = BandStats(**json.loads(path.read_text()))
-                continue
-            acc = np.zeros((len(index), 3), np.float64)
-            for identifier in train.ids:
-                _merge_moments(acc, *train._read_input(product, identifier))
-            std = np.sqrt(acc[:, 2] / np.maximum(acc[:, 0], 1.0))
-            stats = BandStats(product, bands, acc[:, 1].tolist(), np.where(std > 0, std, 1.0).tolist(),
-                              acc[:, 0].tolist(), len(train.ids))
-            _write_json(path, asdict(stats))
-            out[product] = stats
-        return out
-
-    def __getitem__(self, i: int) -> dict[str, Any]:
-        import torch
-
-        identifier = self.ids[i]
-        sample: dict[str, Any] = {"id": identifier}
-        for product in self.band_index:
-            values, valid = self._read_input(product, identifier)
-            if product in self.stats:
-                mean, std = self.stats[product].arrays()
-                values = np.where(valid, (values - mean) / std, 0.0).astype(np.float32)
-            sample[product] = torch.from_numpy(values)
-            sample[f"{product}_mask"] = torch.from_numpy(valid)
-        for label in self.config.labels:
-            sample.update(self._label(label, identifier))
-        return sample
-
-    def _label(self, label: str, identifier: str) -> dict[str, Any]:
-        import torch
-
-        spec = PRODUCTS[LABELS[label]]
-        values, valid, _ = read_chip(self.path(spec.name, identifier), spec, [0])
-        values, valid = values[0], valid[0]
-        if label == "landcover":
-            present, ok = landcover_presence(values, valid, self.config.presence_threshold)
-            return {"landcover": torch.from_numpy(present), "landcover_valid": torch.tensor(ok),
-                    "landcover_dominant": dominant_landcover(values, valid)}
-        ok = bool(valid.any())
-        mean = float(values[valid].mean()) if ok else 0.0
-        if label == "builtup":
-            mean /= 100.0  # GHS-BUILT-S: built-up m2 in a 10 m (100 m2) pixel
-        return {label: torch.tensor(mean, dtype=torch.float32), f"{label}_valid": torch.tensor(ok)}
+def _fmt(bounds: tuple[float, ...]) -> str:
+    return "(" + ", ".join(f"{v:.0f}" for v in bounds) + ")"
 
 
 def _replace(config: M3LEODataConfig, **changes: Any) -> M3LEODataConfig:
@@ -353,7 +368,7 @@ def _replace(config: M3LEODataConfig, **changes: Any) -> M3LEODataConfig:
     return M3LEODataConfig(**values)
 
 
-def _write_json(path: Path, data: dict[str, Any]) -> None:
+def write_json(path: Path, data: dict[str, Any]) -> None:
     from mm.state import atomic_write
 
     def write(tmp: str) -> None:

@@ -17,7 +17,7 @@ from typing import Any, Literal
 
 import numpy as np
 
-from data.fake_geotiff import EODataConfig
+from data.fake_m3leo import EODataConfig
 from heads.mlc import MLCConfig
 from mm.config import ConfigError
 
@@ -37,7 +37,7 @@ class ClusterDataConfig:
     flip: bool = field(default=False, metadata={"help": "Images: the augmentation also mirrors left-right "
                                                       "(clothes: yes; digits: no)."})
     m3leo: dict[str, Any] = field(default_factory=dict, metadata={
-        "help": "M3LEO data keys (data.fake_geotiff.EODataConfig: split_file or fake_chips, modalities, ...)."})
+        "help": "M3LEO data keys (data.fake_m3leo.EODataConfig: split_file or synthetic, modalities, ...)."})
 
 
 @dataclass
@@ -120,7 +120,7 @@ def load_features(data: ClusterDataConfig) -> tuple[np.ndarray, np.ndarray, tupl
         with np.load(data.path) as archive:
             x, y = archive["features"], archive["labels"]
     else:
-        from data.fake_geotiff import ensure_chips
+        from data.fake_m3leo import ensure_chips
 
         x, y = m3leo_features(ensure_chips(EODataConfig(**data.m3leo)), data.split)
     index = stratified(np.asarray(y), data.limit)
