@@ -1,5 +1,9 @@
-"""Accelerate and DeepSpeed set-up for the loop: one process, DDP, or DeepSpeed ZeRO-2/3, on GPUs or on
-the CPU (gloo). Kept apart from the loop so that the loop reads as training, not plumbing.
+"""Accelerate and DeepSpeed set-up for the loop: one process, DDP, DeepSpeed ZeRO-2/3 or FSDP2, on GPUs or
+on the CPU (gloo). Kept apart from the loop so that the loop reads as training, not plumbing.
+
+FSDP2 comes from ``accelerate launch`` with an FSDP config (configs/accelerate/fsdp2.yaml); its parameters
+are DTensors, each rank holding a slice, so reading an adapter (save, rank check) gathers the full tensors
+first and writing one (resume) scatters them (see ``gathered`` and ``loading``).
 """
 
 from __future__ import annotations
@@ -7,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -17,10 +22,31 @@ from torch import nn
 from mm.config import ConfigError
 from train.engine.config import Recipe
 
+REPO_ROOT = Path(__file__).resolve().parents[2]
+
 
 def launched_distributed() -> bool:
     """Whether a launcher (torchrun, accelerate launch, deepspeed) started this process as one of several."""
     return int(os.environ.get("WORLD_SIZE", "1")) > 1 or "LOCAL_RANK" in os.environ
+
+
+def stop_with_launcher() -> None:
+    """Have the kernel send this worker SIGTERM when its launcher process dies, even by SIGKILL (Linux).
+
+    torch elastic starts each worker in a session of its own, so killing the launcher's process group
+    (a scheduler cancelling the job, ``kill -9 -PGID``) misses the workers: they would train on, orphaned,
+    holding the devices. The launchers forward catchable signals; this covers the uncatchable one.
+    """
+    if not sys.platform.startswith("linux"):
+        return
+    import ctypes
+    import signal
+
+    pr_set_pdeathsig = 1
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, int(signal.SIGTERM))
+        if os.getppid() == 1:  # the launcher died before the request above was in place
+            os.kill(os.getpid(), signal.SIGTERM)
 
 
 def deepspeed_config(recipe: Recipe, base: dict[str, Any]) -> dict[str, Any]:
@@ -52,10 +78,18 @@ def make_accelerator(recipe: Recipe):
 
     t = recipe.train
     kwargs: dict[str, Any] = {}
+    if launched_distributed():
+        stop_with_launcher()
     if launched_distributed() and not torch.cuda.is_available():
         # Without this accelerate picks no backend for DeepSpeed on the CPU (shared ENVIRONMENT.md).
         kwargs["kwargs_handlers"] = [InitProcessGroupKwargs(backend="gloo")]
     ds_file = deepspeed_file(recipe)
+    fsdp_plugin = _fsdp_plugin(recipe) if fsdp_requested() else None
+    if fsdp_plugin is not None and ds_file:
+        raise ConfigError(f"{recipe.source}: pick one engine: train.deepspeed is set but accelerate launch asked "
+                          "for FSDP")
+    if fsdp_plugin is not None:
+        kwargs["fsdp_plugin"] = fsdp_plugin
     if ds_file:
         if not launched_distributed():
             raise ConfigError(f"{recipe.source}: DeepSpeed needs a launcher: scripts/launch_deepspeed.sh "
@@ -74,7 +108,87 @@ def make_accelerator(recipe: Recipe):
 
         AcceleratorState._reset_state(reset_partial_state=True)
         GradientState._reset_state()
-    return Accelerator(**kwargs)
+    accelerator = Accelerator(**kwargs)
+    if fsdp_plugin is not None:
+        _enable_fsdp_on_cpu(accelerator, fsdp_plugin)
+    return accelerator
+
+
+def fsdp_requested() -> bool:
+    """Whether ``accelerate launch`` was given an FSDP config (it exports ACCELERATE_USE_FSDP=true)."""
+    return os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true"
+
+
+def _fsdp_plugin(recipe: Recipe):
+    """accelerate's FSDP plugin from the FSDP_* variables ``accelerate launch`` exported; FSDP2 only."""
+    from accelerate import FullyShardedDataParallelPlugin
+
+    if not launched_distributed():
+        raise ConfigError(f"{recipe.source}: FSDP needs a launcher: scripts/launch_accelerate.sh <recipe> "
+                          "<processes> fsdp2")
+    version = os.environ.get("FSDP_VERSION", "1")
+    if version != "2":
+        raise ConfigError(f"accelerate config: key 'fsdp_config.fsdp_version' must be 2 (mmtune shards with "
+                          f"FSDP2 only), got {version}")
+    return FullyShardedDataParallelPlugin(fsdp_version=2)
+
+
+def _enable_fsdp_on_cpu(accelerator, plugin) -> None:
+    """Turn FSDP on where accelerate would not: without a GPU.
+
+    accelerate's ``AcceleratorState`` selects FSDP only for GPU-like process groups (MULTI_GPU, MULTI_NPU,
+    ...); on CPU processes over gloo it stays at NO / MULTI_CPU and silently ignores the plugin. PyTorch's
+    ``fully_shard`` itself runs on a gloo CPU mesh, and accelerate's FSDP2 preparation uses nothing
+    GPU-specific, so the state is switched to FSDP here: CPU runs (tests, CI) then exercise the same
+    sharded code path as a GPU run.
+    """
+    from accelerate.utils import DistributedType
+
+    if accelerator.distributed_type == DistributedType.FSDP:
+        return
+    if torch.cuda.is_available():
+        raise ConfigError(f"accelerate did not enable FSDP (distributed type {accelerator.distributed_type}); "
+                          "launch with scripts/launch_accelerate.sh <recipe> <processes> fsdp2")
+    plugin.set_mixed_precision(accelerator.mixed_precision)
+    accelerator.state.distributed_type = DistributedType.FSDP
+    accelerator.state.fsdp_plugin = plugin
+
+
+def is_fsdp(accelerator) -> bool:
+    from accelerate.utils import DistributedType
+
+    return accelerator.distributed_type == DistributedType.FSDP
+
+
+def setup_name(accelerator) -> str:
+    """How the run is spread, for summary.json: single, ddp, fsdp2 or deepspeed-zeroN."""
+    if is_deepspeed(accelerator):
+        return f"deepspeed-zero{zero_stage(accelerator)}"
+    if is_fsdp(accelerator):
+        return "fsdp2"
+    return "ddp" if accelerator.num_processes > 1 else "single"
+
+
+def before_prepare(accelerator, task: nn.Module) -> None:
+    """FSDP2: shard each transformer block of a Hugging Face model inside ``task`` as its own unit (the
+    blocks its ``_no_split_modules`` names), so a forward gathers one block at a time, not the model."""
+    if not is_fsdp(accelerator):
+        return
+    plugin = accelerator.state.fsdp_plugin
+    if plugin.transformer_cls_names_to_wrap is None:
+        names = {name for module in task.modules() for name in (getattr(module, "_no_split_modules", None) or [])}
+        plugin.transformer_cls_names_to_wrap = sorted(names) or None
+
+
+def after_prepare(accelerator, task: nn.Module) -> None:
+    """FSDP2 gathers a unit's parameters around its ``forward`` only; the loop also calls the task's
+    ``evaluate``, which uses the model through other methods: register it as a forward method too."""
+    if not is_fsdp(accelerator):
+        return
+    from torch.distributed.fsdp import FSDPModule, register_fsdp_forward_method
+
+    if isinstance(task, FSDPModule):
+        register_fsdp_forward_method(task, "evaluate")
 
 
 def deepspeed_file(recipe: Recipe) -> str | None:
@@ -88,6 +202,10 @@ def deepspeed_file(recipe: Recipe) -> str | None:
     if not path or path == "none":
         raise ConfigError("accelerate launch asked for DeepSpeed without a JSON: set deepspeed_config_file "
                           "in the accelerate config (see configs/accelerate/zero2.yaml)")
+    if not Path(path).is_absolute() and not Path(path).exists() and (REPO_ROOT / path).is_file():
+        # configs/accelerate/*.yaml name their JSON relative to the repository; the launchers run in the
+        # caller's folder.
+        return str(REPO_ROOT / path)
     return path
 
 
@@ -111,16 +229,54 @@ def zero_stage(accelerator) -> int:
 
 
 @contextlib.contextmanager
-def gathered(accelerator, params: list[nn.Parameter]) -> Iterator[None]:
-    """Inside the block every rank holds the full ``params``: ZeRO-3 partitions them between ranks (a
-    rank alone sees shape [0]), so saving without this gathers nothing. No-op for other set-ups."""
+def gathered(accelerator, params: list[nn.Parameter], owner: nn.Module | None = None) -> Iterator[None]:
+    """Inside the block every rank holds the full ``params`` (read-only): ZeRO-3 partitions them between
+    ranks (a rank alone sees shape [0]) and FSDP2 keeps a slice per rank as a DTensor, so saving without
+    this gathers nothing. FSDP2 needs ``owner``, the module holding ``params``. No-op for other set-ups."""
     if zero_stage(accelerator) == 3 and params:
         import deepspeed
 
         with deepspeed.zero.GatheredParameters(params, modifier_rank=None):
             yield
+    elif is_fsdp(accelerator) and params:
+        if owner is None:
+            raise TypeError("gathered: FSDP2 needs the module that owns the parameters (owner=)")
+        with _full_tensors_swapped_in(owner, params):
+            yield
     else:
         yield
+
+
+@contextlib.contextmanager
+def _full_tensors_swapped_in(owner: nn.Module, params: list[nn.Parameter]) -> Iterator[None]:
+    """Replace each sharded (DTensor) parameter of ``params`` in its module by its gathered full tensor,
+    and put the shard back afterwards. Only ``params`` are gathered (the adapters, not the frozen base),
+    unlike ``FSDPModule.unshard``, which would gather every weight of the model at once."""
+    from torch.distributed.tensor import DTensor
+
+    wanted = {id(p) for p in params}
+    swapped = []
+    try:
+        for module in owner.modules():
+            for name, param in list(module._parameters.items()):
+                if param is not None and id(param) in wanted and isinstance(param, DTensor):
+                    full = nn.Parameter(param.detach().full_tensor(), requires_grad=param.requires_grad)
+                    module._parameters[name] = full  # bypasses __setattr__: FSDP's hooks stay as they are
+                    swapped.append((module, name, param))
+        yield
+    finally:
+        for module, name, param in swapped:
+            module._parameters[name] = param
+
+
+def loading(accelerator) -> contextlib.AbstractContextManager:
+    """Copying full tensors from a file into the model's parameters (``param.copy_(full)``) inside this
+    block works under FSDP2 too: each rank keeps its own slice of the full tensor. No-op otherwise."""
+    if not is_fsdp(accelerator):
+        return contextlib.nullcontext()
+    from torch.distributed.tensor.experimental import implicit_replication
+
+    return implicit_replication()
 
 
 def all_ranks_agree(accelerator, flag: bool) -> bool:
@@ -139,10 +295,14 @@ def rank_disagreement(accelerator, params: list[nn.Parameter]) -> float:
     """
     if accelerator.num_processes == 1:
         return 0.0
-    with gathered(accelerator, params):
+    from torch.distributed.tensor import DTensor
+
+    # FSDP2's DTensors are gathered one by one below; ZeRO-3 gathers through ``gathered``.
+    with contextlib.nullcontext() if is_fsdp(accelerator) else gathered(accelerator, params):
         rows = []
         for p in params:
-            flat = p.detach().double().flatten()
+            full = p.detach().full_tensor() if isinstance(p, DTensor) else p.detach()  # FSDP2: gather the slices
+            flat = full.double().flatten()
             weights = torch.cos(torch.arange(flat.numel(), device=flat.device, dtype=torch.float64))
             rows.append(torch.stack([flat.sum(), flat.square().sum(), (flat * weights).sum()]))
         fingerprint = torch.stack(rows).to(accelerator.device)
