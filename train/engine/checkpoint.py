@@ -27,7 +27,7 @@ import mm
 from mm.errors import MMTuneError
 from mm.state import atomic_write
 from train.engine.config import Recipe, save_resolved
-from train.engine.distributed import gathered, is_deepspeed
+from train.engine.distributed import gathered, is_deepspeed, is_fsdp, loading
 
 STEP_DIR = re.compile(r"step-(\d{8})")
 
@@ -69,7 +69,7 @@ def extra_trainable(task: nn.Module) -> dict[str, nn.Parameter]:
 def save_trainable(accelerator, task: nn.Module, folder: Path) -> None:
     """adapters.safetensors (+ trainable.safetensors for the rest); every rank calls, rank 0 writes."""
     params = [p for p in task.parameters() if p.requires_grad]
-    with gathered(accelerator, params):
+    with gathered(accelerator, params, owner=task):
         if accelerator.is_main_process:
             if mm.adapter_names(task):
                 mm.save_adapters(task, folder / "adapters.safetensors")
@@ -121,6 +121,8 @@ def save_checkpoint(accelerator, model, task: nn.Module, optimizer, scheduler, s
         # ZeRO shards the optimizer state; DeepSpeed writes each rank's part.
         model.save_checkpoint(str(tmp / "deepspeed"), tag="state", exclude_frozen_parameters=True,
                               save_latest=False)
+    elif is_fsdp(accelerator):
+        _save_fsdp_optimizer(accelerator, model, optimizer, tmp / "optimizer.pt")
     elif accelerator.is_main_process:
         atomic_write(tmp / "optimizer.pt", lambda t: torch.save(optimizer.state_dict(), t))
     _write_json(tmp / f"rng-rank{accelerator.process_index}.json", _rng_state())
@@ -173,6 +175,10 @@ def load_checkpoint(accelerator, model, task: nn.Module, optimizer, scheduler, f
                                         load_optimizer_states=True, load_lr_scheduler_states=False)
         if path is None:
             raise CheckpointError(f"{folder}/deepspeed: DeepSpeed found no checkpoint to load")
+    elif is_fsdp(accelerator):
+        with loading(accelerator):  # each rank copies its own slice of the saved full tensors
+            load_trainable(task, folder)
+        _load_fsdp_optimizer(model, optimizer, folder / "optimizer.pt")
     else:
         load_trainable(task, folder)
         optimizer.load_state_dict(torch.load(folder / "optimizer.pt", map_location="cpu", weights_only=True))
@@ -180,6 +186,26 @@ def load_checkpoint(accelerator, model, task: nn.Module, optimizer, scheduler, f
     rng_file = folder / f"rng-rank{accelerator.process_index}.json"
     _set_rng_state(json.loads(rng_file.read_text()))
     return state
+
+
+def _save_fsdp_optimizer(accelerator, model, optimizer, path: Path) -> None:
+    """FSDP2: the optimizer state of every rank's slices, gathered into full tensors keyed by parameter
+    name (collective; rank 0 writes), so the file reads like a single-process optimizer's."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+
+    options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    state = get_optimizer_state_dict(model, getattr(optimizer, "optimizer", optimizer), options=options)
+    if accelerator.is_main_process:
+        atomic_write(path, lambda t: torch.save(state, t))
+
+
+def _load_fsdp_optimizer(model, optimizer, path: Path) -> None:
+    """FSDP2: every rank reads the full optimizer state and keeps its own slices (collective)."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    set_optimizer_state_dict(model, getattr(optimizer, "optimizer", optimizer), state,
+                             options=StateDictOptions(full_state_dict=True))
 
 
 def _weights_only_loads(engine) -> None:

@@ -33,7 +33,14 @@ from train.engine.checkpoint import (
     save_trainable,
 )
 from train.engine.config import OptimConfig, Recipe, save_resolved
-from train.engine.distributed import is_deepspeed, make_accelerator, rank_disagreement, zero_stage
+from train.engine.distributed import (
+    after_prepare,
+    before_prepare,
+    is_deepspeed,
+    make_accelerator,
+    rank_disagreement,
+    setup_name,
+)
 from train.engine.run_log import RunLog
 from train.engine.task import get_task
 
@@ -152,8 +159,10 @@ class Trainer:
             raise ConfigError(f"{recipe.source}: nothing to train: no adapters and no trainable head")
         optimizer = build_optimizer(trainable, recipe.optim)
         self.scheduler = build_scheduler(optimizer, recipe.optim, t.max_steps)
+        before_prepare(accelerator, task)
         self.model, self.optimizer = accelerator.prepare(task, optimizer)
         self.task = accelerator.unwrap_model(self.model)
+        after_prepare(accelerator, self.task)
         self.ckpt_root = recipe.out_dir / "checkpoints"
         self.state = TrainState(world_size=accelerator.num_processes)
         resumed_from = resume_path(recipe, self.ckpt_root)
@@ -285,10 +294,8 @@ def write_summary(result: RunResult, accelerator, disagreement: float) -> Path:
 
     from mm.state import atomic_write
 
-    setup = f"deepspeed-zero{zero_stage(accelerator)}" if is_deepspeed(accelerator) else (
-        "ddp" if accelerator.num_processes > 1 else "single")
     summary = {
-        "step": result.step, "processes": accelerator.num_processes, "setup": setup,
+        "step": result.step, "processes": accelerator.num_processes, "setup": setup_name(accelerator),
         "final_loss": result.losses.get(result.step), "eval": result.eval_metrics,
         "step_time_s": result.step_time_s, "skipped_steps": result.skipped_steps,
         "rank_disagreement": disagreement,
