@@ -84,25 +84,31 @@ def _output_head_names(model: nn.Module) -> set[str]:
 
 
 def select_targets(model: nn.Module, config: AdapterConfig) -> list[str]:
-    """The layer names ``config`` selects in ``model`` (suffix or regex targets, exclusions, layer ids)."""
+    """The layer names ``config`` selects in ``model`` (suffix or regex targets, exclusions, layer ids).
+
+    A suffix or regex target reaches convolutions only when it reaches no linear layer: 'proj' keeps meaning
+    a ViT's linear ``attn.proj`` (not its conv ``patch_embed.proj``), while 'conv1' or 'patch_embed.proj'
+    name convolutions. ``all-conv`` takes every convolution; ``all-linear`` never does.
+    """
     kinds = adaptable_layer_kinds(model)
-    candidates = list(kinds)
     heads = _output_head_names(model) if ALL_LINEAR in config.targets else set()
+    patterns = [lambda n, t=t: _suffix_match(n, t) for t in config.targets if t not in (ALL_LINEAR, ALL_CONV)]
+    if config.target_regex is not None:
+        patterns.append(lambda n: re.fullmatch(config.target_regex, n) is not None)
+    targeted = {n for n, kind in kinds.items() if (ALL_LINEAR in config.targets and kind == "linear"
+                                                   and n not in heads) or (ALL_CONV in config.targets and kind == "conv")}
+    for matches in patterns:
+        linear = {n for n, kind in kinds.items() if kind == "linear" and matches(n)}
+        targeted |= linear or {n for n, kind in kinds.items() if kind == "conv" and matches(n)}
     chosen = []
-    for name, kind in kinds.items():
-        targeted = (
-            (ALL_LINEAR in config.targets and kind == "linear" and name not in heads)
-            or (ALL_CONV in config.targets and kind == "conv")
-            or any(_suffix_match(name, t) for t in config.targets if t not in (ALL_LINEAR, ALL_CONV))
-            or (config.target_regex is not None and re.fullmatch(config.target_regex, name) is not None)
-        )
-        if not targeted or _matches_any(name, config.exclude):
+    for name in kinds:
+        if name not in targeted or _matches_any(name, config.exclude):
             continue
         if config.layers is not None and _layer_index(name, config.layers_pattern) not in config.layers:
             continue
         chosen.append(name)
     if not chosen:
-        raise AttachError(_no_match_message(model, config, candidates))
+        raise AttachError(_no_match_message(model, config, list(kinds)))
     return chosen
 
 
@@ -162,6 +168,8 @@ def _build_conv_adapters(model: nn.Module, config: AdapterConfig, targets: list[
     rank a layer cannot take, is a ConfigError naming the layer."""
     adapters = {}
     for target in targets:
+        if isinstance(_parent(model, target), nn.MultiheadAttention):
+            continue  # its q/k/v/out projections exist only once attach splits it
         layer = model.get_submodule(target)
         conv = layer.base if isinstance(layer, AdaptedConv) else layer
         if not is_plain_conv(conv):

@@ -1,4 +1,5 @@
-"""The same LoRA weights give the same outputs in mmtune and HF PEFT, through export and import."""
+"""The same LoRA weights give the same outputs in mmtune and HF PEFT, through export and import (linear layers and
+convolutions: PEFT's LoRA Conv1d/2d/3d)."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ import os
 import pytest
 import torch
 from contract_cases import perturb
-from toys import TOYS
+from toys import CONV_TOYS, TOYS
 
 import mm
 
@@ -82,3 +83,88 @@ def test_import_of_layers_the_model_lacks_names_them(tmp_path):
                        r"model lacks \(fc1, fc2\)"):
         mm.import_peft(other, tmp_path / "p")
     assert mm.adapter_names(other) == []
+
+
+# Conv toys whose convs PEFT computes as we do (conv1d's second conv is dilated: see the refusal test below).
+CONV_PARITY_TOYS = ["conv2d", "conv2d-grouped", "conv2d-depthwise", "conv3d"]
+
+
+PEFT_GROUPED_WARNING = "ignore:LoRA adapter added to ConvNd layer with groups > 1"  # PEFT cannot merge those; we can
+
+
+@pytest.mark.filterwarnings(PEFT_GROUPED_WARNING)
+@pytest.mark.parametrize("rslora", [False, True], ids=["lora", "rslora"])
+@pytest.mark.parametrize("toy_name", CONV_PARITY_TOYS)
+def test_conv_export_loads_in_peft_with_same_outputs(toy_name, rslora, tmp_path):
+    toy = CONV_TOYS[toy_name]
+    model, x = toy.build(), toy.make_input()
+    mm.attach(model, mm.LoRAConfig(targets=toy.targets, r=4, alpha=6.0, rslora=rslora))
+    perturb(model, scale=0.2)
+    expected = toy.run(model, x)
+    mm.export_peft(model, tmp_path / "peft")
+    peft_model = peft.PeftModel.from_pretrained(toy.build(), tmp_path / "peft").eval()
+    peft_conv = peft_model.base_model.model.conv2
+    assert isinstance(peft_conv, peft.tuners.lora.layer._ConvNd), type(peft_conv)
+    assert (toy.run(peft_model, x) - toy.run(toy.build(), x)).abs().max() > 1e-3, "PEFT loaded a no-op"
+    torch.testing.assert_close(toy.run(peft_model, x), expected, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("toy_name", ["conv2d", "conv3d"])
+def test_conv_import_reads_peft_adapter_with_same_outputs(toy_name, tmp_path):
+    toy = CONV_TOYS[toy_name]
+    torch.manual_seed(3)
+    peft_model = peft.get_peft_model(toy.build(), peft.LoraConfig(
+        r=4, lora_alpha=12, target_modules=toy.targets, init_lora_weights=False)).eval()
+    x = toy.make_input()
+    expected = toy.run(peft_model, x)
+    peft_model.save_pretrained(tmp_path / "peft")
+    model = mm.import_peft(toy.build(), tmp_path / "peft")
+    torch.testing.assert_close(toy.run(model, x), expected, rtol=1e-5, atol=1e-5)
+    assert (expected - toy.run(toy.build(), x)).abs().max() > 1e-3
+    mm.merge(model)  # and, imported, it merges exactly
+    torch.testing.assert_close(toy.run(model, x), expected, rtol=1e-5, atol=1e-5)
+
+
+def _grouped_peft_model(toy, *, block_diagonal: bool):
+    """PEFT's LoRA on grouped convs (its A is dense, in -> r), optionally zeroed outside each group's block."""
+    torch.manual_seed(4)
+    peft_model = peft.get_peft_model(toy.build(), peft.LoraConfig(
+        r=4, lora_alpha=8, target_modules=toy.targets, init_lora_weights=False)).eval()
+    if block_diagonal:
+        with torch.no_grad():
+            for name in toy.targets:
+                layer = peft_model.base_model.model.get_submodule(name)
+                weight, groups = layer.lora_A["default"].weight, layer.base_layer.groups
+                rank, per_group = weight.shape[0] // groups, weight.shape[1] // groups
+                mask = torch.zeros_like(weight)
+                for g in range(groups):
+                    mask[g * rank:(g + 1) * rank, g * per_group:(g + 1) * per_group] = 1
+                weight.mul_(mask)
+    return peft_model
+
+
+@pytest.mark.filterwarnings(PEFT_GROUPED_WARNING)
+@pytest.mark.parametrize("toy_name", ["conv2d-grouped", "conv2d-depthwise"])
+def test_grouped_conv_import_takes_block_diagonal_peft_a_and_refuses_dense(toy_name, tmp_path):
+    toy = CONV_TOYS[toy_name]
+    x = toy.make_input()
+    peft_model = _grouped_peft_model(toy, block_diagonal=True)
+    expected = toy.run(peft_model, x)
+    peft_model.save_pretrained(tmp_path / "block")
+    model = mm.import_peft(toy.build(), tmp_path / "block")
+    torch.testing.assert_close(toy.run(model, x), expected, rtol=1e-5, atol=1e-5)
+    _grouped_peft_model(toy, block_diagonal=False).save_pretrained(tmp_path / "dense")
+    other = toy.build()
+    with pytest.raises(mm.AdapterStateError, match=r"adapter_model.safetensors: conv1\.lora_A mixes channels "
+                       rf"across the {other.conv1.groups} groups of a grouped Conv2d"):
+        mm.import_peft(other, tmp_path / "dense")
+    assert mm.adapter_names(other) == []
+
+
+def test_conv_export_refuses_what_peft_computes_differently(tmp_path):
+    toy = CONV_TOYS["conv1d"]  # conv2 is dilated; PEFT's conv A drops the dilation
+    model = toy.build()
+    mm.attach(model, mm.LoRAConfig(targets=toy.targets, r=4))
+    with pytest.raises(TypeError, match=r"conv2: PEFT's conv LoRA ignores dilation \(2,\)"):
+        mm.export_peft(model, tmp_path / "out")
+    assert not (tmp_path / "out" / "adapter_model.safetensors").exists()
