@@ -113,12 +113,36 @@ def _nan_at_call(monkeypatch, call: int) -> None:
     monkeypatch.setattr(DigitsClassification, "training_step", poisoned)
 
 
-def test_nonfinite_loss_stops_after_saving_the_last_good_step(tmp_path, monkeypatch):
-    _nan_at_call(monkeypatch, call=5)
-    with pytest.raises(NonFiniteLossError, match=r"loss is nan at step 5 .*step-00000004.*\(step 4\)"):
-        train(digits_recipe(tmp_path / "run", "train.max_steps=10"))
-    state = json.loads((tmp_path / "run" / "checkpoints" / "step-00000004" / "state.json").read_text())
-    assert state["step"] == 4 and state["micro_batches"] == 4
+def _events(folder) -> list[dict]:
+    return [json.loads(line) for line in (folder / "events.jsonl").read_text().splitlines()]
+
+
+def _strict_json(path) -> dict:
+    """JSON as any strict reader takes it: a bare NaN or Infinity fails."""
+    def refuse(constant):
+        raise AssertionError(f"{path}: {constant} is not JSON")
+
+    return json.loads(path.read_text(), parse_constant=refuse)
+
+
+def test_nonfinite_stop_keeps_the_checkpoint_from_before_it_and_writes_none(tmp_path, monkeypatch):
+    # Saves at 4 and 8... ; NaN at step 6: the weights after step 5 produced it, so no "last good" save of
+    # them (it would also prune an older, good checkpoint): step-00000004 stays the newest, and is named.
+    _nan_at_call(monkeypatch, call=6)
+    run = tmp_path / "run"
+    with pytest.raises(NonFiniteLossError, match=r"loss is nan at step 6 .*kept the checkpoint from before it, "
+                                                  r".*step-00000004 \(step 4\).*train.resume=auto"):
+        train(digits_recipe(run, "train.max_steps=10", "train.save_every=4", "train.keep_last=1"))
+    assert [p.name for p in (run / "checkpoints").iterdir()] == ["step-00000004"]
+    (event,) = _events(run)
+    assert event["event"] == "nonfinite_stop" and event["first_bad_step"] == 6
+    assert event["checkpoint"].endswith("step-00000004")
+
+
+def test_nonfinite_stop_without_any_checkpoint_says_so(tmp_path, monkeypatch):
+    _nan_at_call(monkeypatch, call=2)
+    with pytest.raises(NonFiniteLossError, match=r"no checkpoint was saved before step 2 \(train.save_every=0\)"):
+        train(digits_recipe(tmp_path / "run", "train.max_steps=4"))
 
 
 def test_nonfinite_loss_skip_drops_that_step_and_goes_on(tmp_path, monkeypatch):
@@ -128,6 +152,58 @@ def test_nonfinite_loss_skip_drops_that_step_and_goes_on(tmp_path, monkeypatch):
     assert all(math.isfinite(result.losses[s]) for s in (1, 2, 4, 5, 6))
     weights = load_file(tmp_path / "run" / "adapters.safetensors")
     assert all(torch.isfinite(t).all() for t in weights.values()), "NaN gradients must not reach the weights"
+
+
+def test_nonfinite_skip_stops_after_the_limit_of_consecutive_skips(tmp_path, monkeypatch):
+    original = DigitsClassification.training_step
+
+    def diverged_from_step_3(self, batch, calls={"n": 0}):  # noqa: B006  (a counter shared by the calls)
+        calls["n"] += 1
+        loss, logs = original(self, batch)
+        return (loss * float("nan") if calls["n"] >= 3 else loss), logs
+
+    monkeypatch.setattr(DigitsClassification, "training_step", diverged_from_step_3)
+    run = tmp_path / "run"
+    with pytest.raises(NonFiniteLossError, match=r"non-finite in 3 consecutive steps \(3\.\.5; "
+                                                  r"train.max_nonfinite_skips=3\).*step-00000002 \(step 2\)"):
+        train(digits_recipe(run, "train.max_steps=20", "train.nonfinite=skip", "train.save_every=2",
+                            "train.keep_last=1"))
+    # No save while skipping: the step-4 save would have pruned the one from before the first NaN.
+    assert [p.name for p in (run / "checkpoints").iterdir()] == ["step-00000002"]
+
+
+def test_a_run_with_a_nan_last_step_writes_valid_json(tmp_path, monkeypatch):
+    _nan_at_call(monkeypatch, call=4)
+    result = train(digits_recipe(tmp_path / "run", "train.max_steps=4", "train.nonfinite=skip"))
+    assert math.isnan(result.losses[4])
+    summary = _strict_json(tmp_path / "run" / "summary.json")
+    assert summary["final_loss"] is None and summary["skipped_steps"] == 1 and summary["step"] == 4
+
+
+def test_resume_applies_a_changed_learning_rate_and_records_it(tmp_path):
+    """Defect 2: the optimizer state carried the old lr while config.yaml recorded the new one."""
+    run, constant = tmp_path / "run", ("optim.schedule=constant", "optim.warmup_steps=0", "train.save_every=2")
+    train(digits_recipe(run, "train.max_steps=4", "optim.lr=0.02", *constant))
+    train(digits_recipe(run, "train.max_steps=8", "optim.lr=0.005", *constant, "train.resume=auto"))
+    rates = {r["step"]: r["value"] for r in read_metrics(run / "metrics.csv") if r["metric"] == "lr"}
+    assert rates == pytest.approx({1: 0.02, 2: 0.02, 3: 0.02, 4: 0.02, 5: 0.005, 6: 0.005, 7: 0.005, 8: 0.005})
+    resume = _events(run)[-1]
+    assert resume["event"] == "resume" and resume["step"] == 4
+    assert resume["changed"] == {"optim.lr": [0.02, 0.005], "train.max_steps": [4, 8]}
+    assert yaml.safe_load((run / "config.yaml").read_text())["optim"]["lr"] == 0.005
+
+
+def test_after_a_nan_stop_a_resume_with_a_lower_lr_finishes(tmp_path):
+    """The advice the NaN stop prints works: the kept checkpoint is from before the blow-up, and the
+    lowered lr is the one used."""
+    run, sgd = tmp_path / "run", ("optim.name=sgd", "optim.schedule=constant", "optim.warmup_steps=0",
+                                  "train.clip_norm=null", "train.save_every=4")
+    train(digits_recipe(run, "train.max_steps=4", "optim.lr=0.05", *sgd))
+    with pytest.raises(NonFiniteLossError, match=r"step-00000004 \(step 4\)"):
+        train(digits_recipe(run, "train.max_steps=12", "optim.lr=1e5", *sgd, "train.resume=auto"))
+    result = train(digits_recipe(run, "train.max_steps=12", "optim.lr=0.05", *sgd, "train.resume=auto"))
+    assert result.resumed_from.name == "step-00000004" and result.step == 12
+    assert all(math.isfinite(v) for v in csv_losses(run).values()) and sorted(csv_losses(run)) == list(range(1, 13))
 
 
 def test_mixture_adapters_add_and_log_their_balance_loss(tmp_path):

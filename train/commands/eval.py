@@ -1,9 +1,11 @@
-"""``mmtune eval --config RECIPE [--run RUN_DIR] [--snr DB]... [key=value ...]``: evaluate a trained run.
+"""``mmtune eval --run RUN_DIR [--snr DB]... [key=value ...]``: evaluate a trained run.
 
-Rebuilds the recipe's task (same seed, so the frozen base weights are those the run trained on), loads
-the run's ``adapters.safetensors`` / ``trainable.safetensors`` and evaluates the eval split. For the AVSR
-task it prints the WER (and CER) of every rate pair, clean and with white noise at each ``--snr``;
-other tasks print their metrics.
+The run folder is the truth: the task is rebuilt from ``RUN_DIR/config.yaml`` (same seed, model and data
+as the run trained on; see train/engine/run_folder.py), the run's ``adapters.safetensors`` /
+``trainable.safetensors`` are loaded and the eval split is evaluated. A ``key=value`` that changes the
+run's value is applied and said on stderr; ``--config RECIPE`` alone means the recipe's run folder
+(``train.out_dir``). For the AVSR task it prints the WER (and CER) of every rate pair, clean and with
+white noise at each ``--snr``; other tasks print their metrics.
 """
 
 from __future__ import annotations
@@ -15,8 +17,9 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     parser = subparsers.add_parser(
         "eval", help="evaluate a trained run (AVSR: WER per rate pair, clean and at given SNRs)",
         description="Evaluate the run folder of a recipe. AVSR recipes print WER/CER per audio-video rate pair.")
-    parser.add_argument("--config", required=True, help="the recipe YAML the run was trained with")
-    parser.add_argument("--run", default=None, help="run folder (default: the recipe's train.out_dir)")
+    parser.add_argument("--run", default=None, help="run folder (its config.yaml rebuilds the model and data)")
+    parser.add_argument("--config", default=None, help="a recipe YAML: its train.out_dir is the run folder when "
+                                                       "--run is not given (the run's own config.yaml is used)")
     parser.add_argument("--snr", type=float, action="append", default=[], metavar="DB",
                         help="also evaluate with white noise at this SNR in dB (repeatable; tasks whose data "
                              "has snr_db)")
@@ -32,6 +35,7 @@ def evaluate_run(recipe, run_dir, snrs: list[float], batch_size: int) -> dict[st
 
     import torch
 
+    from mm.config import ConfigError
     from train.engine.checkpoint import load_trainable
     from train.engine.loop import eval_batches, seed_everything
     from train.engine.task import get_task
@@ -40,7 +44,7 @@ def evaluate_run(recipe, run_dir, snrs: list[float], batch_size: int) -> dict[st
     if not (run_dir / "adapters.safetensors").is_file() and not (run_dir / "trainable.safetensors").is_file():
         raise FileNotFoundError(f"{run_dir}: no adapters.safetensors or trainable.safetensors (not a finished run)")
     if snrs and not hasattr(recipe.sections.get("data"), "snr_db"):
-        raise ValueError(f"--snr: task {recipe.task!r} has no data.snr_db to set")
+        raise ConfigError(f"--snr: task {recipe.task!r} has no data.snr_db to set")
     seed_everything(recipe.seed)  # the frozen base is random-init from the seed in tiny recipes
     task = get_task(recipe.task)(recipe)
     load_trainable(task, run_dir)
@@ -74,18 +78,12 @@ def format_results(results: dict[str, dict[str, float]]) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
-    import sys
+    from train.engine.run_folder import load_run_recipe, run_dir_of
 
-    from mm.config import ConfigError
-    from train.engine.config import load_recipe
-
-    try:
-        recipe = load_recipe(args.config, args.overrides)
-        results = evaluate_run(recipe, args.run or recipe.out_dir, args.snr, args.batch_size)
-    except (ConfigError, FileNotFoundError, ValueError) as err:
-        print(f"mmtune eval: {err}", file=sys.stderr)
-        return 2
-    print(f"{recipe.name}: evaluation of {args.run or recipe.out_dir} (WER/CER in %)" if any(
+    run_dir = run_dir_of(args.config, args.run, args.overrides)  # bad input: one line from train.cli, exit 2
+    recipe = load_run_recipe(run_dir, args.overrides, "eval", recipe_file=args.config)
+    results = evaluate_run(recipe, run_dir, args.snr, args.batch_size)
+    print(f"{recipe.name}: evaluation of {run_dir} (WER/CER in %)" if any(
         k.startswith("wer_") for k in next(iter(results.values()))) else f"{recipe.name}:")
     print(format_results(results))
     return 0

@@ -1,16 +1,39 @@
-"""The run's records: ``metrics.csv`` (long format: step, split, metric, value), TensorBoard when it is
-installed, and ``curves.png`` (one panel per metric) drawn from the CSV at the end."""
+"""The run's records: ``metrics.csv`` (long format: step, split, metric, value), ``events.jsonl`` (one JSON
+object a line: resumes and what they changed, unreadable checkpoints skipped, non-finite stops),
+TensorBoard when it is installed, and ``curves.png`` (one panel per metric) drawn from the CSV at the end.
+JSON is written valid: NaN and infinity become null."""
 
 from __future__ import annotations
 
 import csv
+import json
 import math
+import time
 from collections import defaultdict
 from pathlib import Path
 
 from mm.state import atomic_write
 
 FIELDS = ["step", "split", "metric", "value"]
+
+
+def json_safe(data):
+    """``data`` with every non-finite float replaced by None (JSON has no NaN; ``json.dumps`` would write a
+    bare ``NaN`` that other readers reject)."""
+    if isinstance(data, float):
+        return data if math.isfinite(data) else None
+    if isinstance(data, dict):
+        return {str(k): json_safe(v) for k, v in data.items()}
+    if isinstance(data, list | tuple):
+        return [json_safe(v) for v in data]
+    if hasattr(data, "item") and callable(data.item):  # numpy / torch scalars
+        return json_safe(data.item())
+    return data
+
+
+def dumps(data, **kwargs) -> str:
+    """Strict JSON of ``data`` (non-finite numbers as null)."""
+    return json.dumps(json_safe(data), allow_nan=False, **kwargs)
 
 
 def read_metrics(path: str | Path) -> list[dict]:
@@ -36,6 +59,7 @@ class RunLog:
     def __init__(self, out_dir: str | Path, enabled: bool, resume_step: int, say=print) -> None:
         self.enabled = enabled
         self.csv_path = Path(out_dir) / "metrics.csv"
+        self.events_path = Path(out_dir) / "events.jsonl"
         self.png_path = Path(out_dir) / "curves.png"
         self.tensorboard = None
         if not enabled:
@@ -59,6 +83,14 @@ class RunLog:
             if self.tensorboard is not None:
                 self.tensorboard.add_scalar(f"{split}/{name}", value, step)
         self.handle.flush()
+
+    def event(self, step: int, kind: str, **details) -> None:
+        """Append one event (``{"step", "event", "time", **details}``) to events.jsonl; main process only."""
+        if not self.enabled:
+            return
+        line = dumps({"step": step, "event": kind, "time": time.strftime("%Y-%m-%dT%H:%M:%S"), **details})
+        with open(self.events_path, "a") as handle:
+            handle.write(line + "\n")
 
     def close(self) -> Path | None:
         """Close the files and draw the curves; returns the PNG path (None off the main process)."""
