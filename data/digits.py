@@ -10,6 +10,17 @@ from collections.abc import Callable
 
 import numpy as np
 
+from mm.config import ConfigError
+from mm.errors import MMTuneError
+
+
+class DigitsDataError(MMTuneError, KeyError):
+    """An unknown domain or split of the digits data."""
+
+    def __str__(self) -> str:  # KeyError would quote the whole message
+        return str(self.args[0]) if self.args else ""
+
+
 DOMAINS: dict[str, Callable[[np.ndarray], np.ndarray]] = {
     "original": lambda images: images,
     "inverted": lambda images: 1.0 - images,
@@ -21,7 +32,7 @@ DOMAINS: dict[str, Callable[[np.ndarray], np.ndarray]] = {
 def load_digits_arrays(domain: str = "original") -> tuple[np.ndarray, np.ndarray]:
     """Images as float32 (N, 1, 8, 8) in [0, 1] and int64 labels, transformed into ``domain``."""
     if domain not in DOMAINS:
-        raise KeyError(f"unknown digits domain {domain!r}; known: {', '.join(DOMAINS)}")
+        raise DigitsDataError(f"unknown digits domain {domain!r}; known: {', '.join(DOMAINS)}")
     from sklearn.datasets import load_digits
 
     bunch = load_digits()
@@ -41,7 +52,7 @@ class DigitsDataset:
 
     def __init__(self, split: str = "train", domain: str = "original", seed: int = 0) -> None:
         if split not in ("train", "test"):
-            raise ValueError(f"split must be 'train' or 'test', got {split!r}")
+            raise ConfigError(f"digits: split must be 'train' or 'test', got {split!r}")
         import torch
 
         images, labels = load_digits_arrays(domain)

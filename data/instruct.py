@@ -161,7 +161,7 @@ class InstructDataset:
                  template: ChatTemplate | None = None, image_transform: Callable[[Any], torch.Tensor] | None = None,
                  on_bad: str = "error", max_length: int = 256) -> None:
         if on_bad not in ("error", "skip"):
-            raise ValueError(f"on_bad must be 'error' or 'skip', got {on_bad!r}")
+            raise InstructDataError(f"key 'on_bad' must be 'error' or 'skip', got {on_bad!r}")
         self.path = Path(path)
         self.image_root = Path(image_root) if image_root is not None else self.path.parent
         self.tokenizer, self.template = tokenizer, template or ChatTemplate()

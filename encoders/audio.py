@@ -18,6 +18,8 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from encoders.errors import EncoderError, EncoderLoadError
+
 SAMPLE_RATE = 16_000
 N_FFT = 400
 HOP = 160
@@ -124,18 +126,22 @@ def build_audio_encoder(config: AudioEncoderConfig) -> WhisperAudioEncoder:
     if config.name is None:
         encoder = WhisperAudioEncoder(WhisperEncoder(tiny_whisper_config(config)))
         if config.checkpoint:
-            from safetensors.torch import load_file
+            from encoders.errors import load_encoder_state
 
+            state = load_encoder_state(config.checkpoint, "the audio encoder")
             try:
-                encoder.load_state_dict(load_file(config.checkpoint))
+                encoder.load_state_dict(state)
             except RuntimeError as err:
-                raise ValueError(f"{config.checkpoint}: does not fit the audio encoder sizes of the config ({err})") from None
+                raise EncoderError(f"{config.checkpoint}: does not fit the audio encoder sizes of the config "
+                                   f"({' '.join(str(err).split())[:600]})") from None
         return encoder.eval()
     if config.checkpoint:
-        raise ValueError("audio encoder: give 'name' (a Whisper model) or 'checkpoint' (a tiny encoder's state dict), not both")
+        raise EncoderError("audio encoder: give 'name' (a Whisper model) or 'checkpoint' (a tiny encoder's "
+                           "state dict), not both")
     try:
         model = WhisperModel.from_pretrained(config.name, dtype=torch.float32)
-    except OSError as err:
-        raise OSError(f"audio encoder {config.name!r}: cannot load a Whisper model from it ({err}). Give a "
-                      "local folder holding config.json and the weights (no hub downloads on this machine)") from None
+    except (OSError, ValueError) as err:
+        raise EncoderLoadError(f"audio encoder {config.name!r}: cannot load a Whisper model from it ({err}). "
+                               "Give a local folder holding config.json and the weights (no hub downloads on "
+                               "this machine)") from None
     return WhisperAudioEncoder(model.get_encoder().eval())

@@ -53,6 +53,13 @@ class CheckpointError(MMTuneError, ValueError):
     """A local checkpoint is missing, unreadable or does not fit the model; the message names the file."""
 
 
+class UnknownClipError(MMTuneError, KeyError):
+    """An unknown CLIP model name or pretrained tag; the message lists close or known names."""
+
+    def __str__(self) -> str:  # KeyError would quote the whole message
+        return str(self.args[0]) if self.args else ""
+
+
 class PretrainedUnavailableError(MMTuneError, RuntimeError):
     """A pretrained tag needs the hub, which is not reachable; the message says to pass a local path."""
 
@@ -101,7 +108,7 @@ def create_clip(name: str, pretrained: str | None = None, *, device: str | torch
     if name not in TINY_CONFIGS and name not in open_clip.list_models():
         close = difflib.get_close_matches(name, clip_names(), n=3)
         hint = f" Did you mean {', '.join(map(repr, close))}?" if close else ""
-        raise KeyError(f"unknown CLIP model {name!r}.{hint} Tiny configs: {', '.join(sorted(TINY_CONFIGS))}; "
+        raise UnknownClipError(f"unknown CLIP model {name!r}.{hint} Tiny configs: {', '.join(sorted(TINY_CONFIGS))}; "
                        "open_clip models: see open_clip.list_models()")
     if seed is not None:
         torch.manual_seed(seed)
@@ -130,7 +137,7 @@ def _from_tag(name: str, tag: str) -> tuple[nn.Module, Callable]:
                                          "pass a local checkpoint path as pretrained")
     tags = open_clip.list_pretrained_tags_by_model(name)
     if tag not in tags:
-        raise KeyError(f"unknown pretrained tag {tag!r} for {name!r}; known tags: {', '.join(tags) or '(none)'}; "
+        raise UnknownClipError(f"unknown pretrained tag {tag!r} for {name!r}; known tags: {', '.join(tags) or '(none)'}; "
                        "or pass a local checkpoint path")
     try:
         model, _, preprocess = open_clip.create_model_and_transforms(name, pretrained=tag)
@@ -206,7 +213,7 @@ class LadderCLIP(nn.Module):
         super().__init__()
         depth = len(clip.visual.transformer.resblocks)
         if ladder.depth != depth or ladder.width != clip.visual.transformer.width:
-            raise ValueError(f"QLadder built for depth {ladder.depth}, width {ladder.width}; the vision tower "
+            raise CheckpointError(f"QLadder built for depth {ladder.depth}, width {ladder.width}; the vision tower "
                              f"has depth {depth}, width {clip.visual.transformer.width}")
         self.clip, self.ladder = clip, ladder
 

@@ -78,12 +78,15 @@ def load_tokenizer(name_or_path: str) -> Any:
     from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
     path = Path(name_or_path).expanduser()
-    try:
-        if path.is_file():  # a bare tokenizer.json knows no roles: take the word tokenizer's names if present
+    if path.is_file():  # a bare tokenizer.json knows no roles: take the word tokenizer's names if present
+        try:
             tokenizer = PreTrainedTokenizerFast(tokenizer_file=str(path))
-            vocab = tokenizer.get_vocab()
-            tokenizer.add_special_tokens({k: v for k, v in WORD_ROLES.items() if v in vocab})
-            return tokenizer
+        except Exception as err:  # the tokenizers library raises a bare Exception for a malformed file
+            raise LLMLoadError(f"{path}: not a tokenizers JSON file ({type(err).__name__}: {str(err)[:300]})") from None
+        vocab = tokenizer.get_vocab()
+        tokenizer.add_special_tokens({k: v for k, v in WORD_ROLES.items() if v in vocab})
+        return tokenizer
+    try:
         return AutoTokenizer.from_pretrained(str(path) if path.exists() else name_or_path)
     except (OSError, ValueError) as err:
         raise LLMLoadError(f"could not load a tokenizer from {name_or_path!r} ({type(err).__name__}: "

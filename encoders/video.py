@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from encoders.errors import EncoderError
 from mm.config import ConfigError
 
 #: Grey-level mean and std of LRS3 mouth crops (the normalisation the lip-reading recipes use).
@@ -86,15 +87,15 @@ def build_video_encoder(config: VideoEncoderConfig) -> LipReadingFrontEnd:
     """The front end, random (seeded by the caller's torch RNG) or loaded from ``config.checkpoint``."""
     encoder = LipReadingFrontEnd(config)
     if config.checkpoint:
-        from safetensors.torch import load_file
+        from encoders.errors import load_encoder_state
 
-        state = load_file(config.checkpoint)
+        state = load_encoder_state(config.checkpoint, "the video front end")
         own = encoder.state_dict()
         missing, unexpected = sorted(set(own) - set(state)), sorted(set(state) - set(own))
         wrong = [f"{k} {tuple(state[k].shape)} != {tuple(own[k].shape)}"
                  for k in own if k in state and state[k].shape != own[k].shape]
         if missing or unexpected or wrong:
-            raise ValueError(f"{config.checkpoint}: does not fit the video front end: missing {missing[:5]}, "
+            raise EncoderError(f"{config.checkpoint}: does not fit the video front end: missing {missing[:5]}, "
                              f"unexpected {unexpected[:5]}, mis-shaped {wrong[:5]}")
         encoder.load_state_dict(state)
     return encoder.eval()

@@ -20,9 +20,15 @@ import numpy as np
 from data.fake_m3leo import EODataConfig
 from heads.mlc import MLCConfig
 from mm.config import ConfigError
+from mm.errors import MMTuneError
 
 FASHION_MNIST_DIR = "/usr/share/datasets/fashion-mnist"
 METHODS = ("mlc", "kmeans", "spectral")
+SOURCES = ("digits", "fashion_mnist", "m3leo", "npz")
+
+
+class ClusterDataError(MMTuneError, ValueError):
+    """A feature file cannot be used (wrong format, missing arrays, bad values); the message names it."""
 
 
 @dataclass
@@ -39,6 +45,17 @@ class ClusterDataConfig:
     m3leo: dict[str, Any] = field(default_factory=dict, metadata={
         "help": "M3LEO data keys (data.fake_m3leo.EODataConfig: split_file or synthetic, modalities, ...)."})
 
+    def __post_init__(self) -> None:
+        if self.source not in SOURCES:
+            raise ConfigError(f"key 'data.source': unknown source {self.source!r}; expected one of "
+                              f"{', '.join(SOURCES)}")
+        if self.source == "npz" and not self.path:
+            raise ConfigError("key 'data.path': source npz needs the path of an .npz file with arrays "
+                              "'features' (n, D) and 'labels' (n,)")
+        if self.limit is not None and (isinstance(self.limit, bool) or not isinstance(self.limit, int)
+                                       or self.limit < 2):
+            raise ConfigError(f"key 'data.limit': expected null or an integer >= 2, got {self.limit!r}")
+
 
 @dataclass
 class ClusterRecipe:
@@ -49,6 +66,18 @@ class ClusterRecipe:
     spectral_neighbors: int = 10
     standardize: bool = False
     threads: int = 1  # torch CPU threads: MLC's ops are small, extra threads mostly spin
+
+    def __post_init__(self) -> None:
+        def is_int(value: Any) -> bool:
+            return isinstance(value, int) and not isinstance(value, bool)
+
+        if not isinstance(self.seeds, list) or not self.seeds or not all(map(is_int, self.seeds)):
+            raise ConfigError(f"key 'seeds': expected a list of integers, got {self.seeds!r}")
+        if not isinstance(self.methods, list) or not self.methods:
+            raise ConfigError(f"key 'methods': expected a list of {', '.join(METHODS)}, got {self.methods!r}")
+        for key, low in (("spectral_neighbors", 2), ("threads", 1)):
+            if not is_int(getattr(self, key)) or getattr(self, key) < low:
+                raise ConfigError(f"key {key!r}: expected an integer >= {low}, got {getattr(self, key)!r}")
 
 
 # ---------------------------------------------------------------------------- scores
@@ -80,16 +109,53 @@ def clustering_scores(labels: np.ndarray, clusters: np.ndarray) -> dict[str, flo
 def read_idx(path: Path) -> np.ndarray:
     """An IDX (MNIST format) array from a .gz file."""
     if not path.is_file():
-        raise FileNotFoundError(f"{path}: not found; Fashion-MNIST comes from the Debian package "
-                                "'dataset-fashion-mnist' (apt-get install dataset-fashion-mnist)")
-    with gzip.open(path, "rb") as handle:
-        raw = handle.read()
+        raise FileNotFoundError(f"{path}: not found (key 'data.path'); Fashion-MNIST comes from the Debian "
+                                "package 'dataset-fashion-mnist' (apt-get install dataset-fashion-mnist)")
+    try:
+        with gzip.open(path, "rb") as handle:
+            raw = handle.read()
+    except (OSError, EOFError) as err:  # not gzip, or cut short
+        raise ClusterDataError(f"{path}: not a readable gzip-compressed IDX file ({err})") from None
+    if len(raw) < 4 or raw[:2] != b"\0\0" or raw[2] != 0x08:
+        raise ClusterDataError(f"{path}: not an unsigned-byte IDX file (expected the magic 00 00 08 <ndim>)")
     ndim = raw[3]
     shape = tuple(int.from_bytes(raw[4 + 4 * i : 8 + 4 * i], "big") for i in range(ndim))
-    data = np.frombuffer(raw, np.uint8, offset=4 + 4 * ndim)
+    data = np.frombuffer(raw, np.uint8, offset=min(len(raw), 4 + 4 * ndim))
     if data.size != int(np.prod(shape)):
-        raise ValueError(f"{path}: IDX header says {shape}, file holds {data.size} values")
+        raise ClusterDataError(f"{path}: IDX header says {shape}, file holds {data.size} values")
     return data.reshape(shape)
+
+
+def read_feature_npz(path: str | Path) -> tuple[np.ndarray, np.ndarray]:
+    """``features`` (n, D) finite numbers and ``labels`` (n,) of an ``.npz``; anything else names the file."""
+    import zipfile
+
+    path = Path(path)
+    expected = "an .npz archive (numpy.savez) with arrays 'features' (n, D) and 'labels' (n,)"
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no such feature file (key 'data.path'); expected {expected}")
+    try:
+        with np.load(path, allow_pickle=False) as archive:
+            if not hasattr(archive, "files"):
+                raise ClusterDataError(f"{path}: a single .npy array; expected {expected}")
+            missing = sorted({"features", "labels"} - set(archive.files))
+            if missing:
+                raise ClusterDataError(f"{path}: no array(s) {missing} (found {archive.files}); expected {expected}")
+            x, y = archive["features"], archive["labels"]
+    except (ValueError, OSError, EOFError, zipfile.BadZipFile) as err:
+        if isinstance(err, MMTuneError):
+            raise
+        raise ClusterDataError(f"{path}: not readable as {expected} ({type(err).__name__}: {err})") from None
+    if x.dtype.kind not in "biuf" or y.dtype.kind not in "biuU":
+        raise ClusterDataError(f"{path}: 'features' must be numbers and 'labels' numbers or strings, got "
+                               f"dtypes {x.dtype} and {y.dtype}")
+    if x.ndim != 2 or y.ndim != 1 or len(x) != len(y) or len(y) < 2:
+        raise ClusterDataError(f"{path}: expected 'features' (n, D) and 'labels' (n,) with n >= 2, got shapes "
+                               f"{x.shape} and {y.shape}")
+    if not np.isfinite(x).all():
+        bad = int((~np.isfinite(x)).any(axis=1).sum())
+        raise ClusterDataError(f"{path}: 'features' has NaN or infinite values in {bad} row(s)")
+    return x, y
 
 
 def stratified(labels: np.ndarray, limit: int | None, seed: int = 0) -> np.ndarray:
@@ -117,8 +183,7 @@ def load_features(data: ClusterDataConfig) -> tuple[np.ndarray, np.ndarray, tupl
         y = read_idx(folder / f"{prefix}-labels-idx1-ubyte.gz")
         x, image_shape = images.reshape(len(images), -1) / 255.0, (28, 28)
     elif data.source == "npz":
-        with np.load(data.path) as archive:
-            x, y = archive["features"], archive["labels"]
+        x, y = read_feature_npz(data.path)
     else:
         from data.fake_m3leo import ensure_chips
 
@@ -258,17 +323,27 @@ def load_cluster_recipe(path: str | Path, overrides: list[str] | None = None) ->
     import yaml
 
     source = str(path)
-    raw = yaml.safe_load(Path(path).read_text()) or {}
-    raw.pop("task", None)  # recipes say 'task: cluster' for readers; this loader knows it
+    raw = yaml.safe_load(Path(path).read_text(encoding="utf-8")) or {}
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{source}: expected a mapping of sections (data, mlc, methods, seeds...), got "
+                          f"{type(raw).__name__}")
+    if raw.pop("task", "cluster") != "cluster":  # recipes say 'task: cluster' for readers
+        raise ConfigError(f"{source}: key 'task' is not 'cluster'; mmtune cluster reads clustering recipes "
+                          "(configs/eo/cluster.yaml); other tasks run with mmtune train")
     for text in overrides or []:
         key, sep, value = text.partition("=")
-        if not sep:
-            raise ConfigError(f"override {text!r} is not of the form section.key=value")
+        if not sep or not key:
+            raise ConfigError(f"--set {text!r}: expected section.key=value")
         node = raw
         *parents, last = key.split(".")
-        for part in parents:
+        for depth, part in enumerate(parents):
             node = node.setdefault(part, {})
-        node[last] = yaml.safe_load(value)
+            if not isinstance(node, dict):
+                raise ConfigError(f"--set {text!r}: {'.'.join(parents[: depth + 1])} is not a section")
+        try:
+            node[last] = yaml.safe_load(value)
+        except yaml.YAMLError as err:
+            raise ConfigError(f"--set {text!r}: the value is not valid YAML ({' '.join(str(err).split())})") from None
     recipe = _build(ClusterRecipe, raw, "recipe", source)
     unknown = sorted(set(recipe.methods) - set(METHODS))
     if unknown:
