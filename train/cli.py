@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import json
+import logging
 import os
 import sys
 
@@ -59,6 +60,22 @@ def describe(err: BaseException) -> str:
     return text
 
 
+class _DropDeepSpeedAcceleratorGuess(logging.Filter):
+    """accelerate imports DeepSpeed whenever it is installed (``unwrap_model`` checks for its engine), and
+    DeepSpeed's import warns "Setting accelerator to CPU..." on a machine without a GPU, in every run,
+    DeepSpeed or not. Only that record is dropped; DeepSpeed's other messages stay."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith("Setting accelerator to CPU")
+
+
+def quiet_unused_components() -> None:
+    """No third-party warning about a component the run does not use (see each filter's reason)."""
+    deepspeed_logger = logging.getLogger("DeepSpeed")  # the name DeepSpeed's own logger takes on import
+    if not any(isinstance(f, _DropDeepSpeedAcceleratorGuess) for f in deepspeed_logger.filters):
+        deepspeed_logger.addFilter(_DropDeepSpeedAcceleratorGuess())
+
+
 def debug_requested(args: argparse.Namespace) -> bool:
     return bool(getattr(args, "debug", False)) or os.environ.get("MMTUNE_DEBUG", "") not in ("", "0")
 
@@ -69,6 +86,7 @@ def main(argv: list[str] | None = None) -> int:
     if not getattr(args, "_run", None):
         parser.print_help()
         return USER_ERROR
+    quiet_unused_components()
     try:
         return int(args._run(args) or 0)
     except user_error_types() as err:

@@ -36,7 +36,7 @@ class PlainProgress:
     def close(self) -> None:
         if not self.closed:
             self.closed = True
-            if self.printed != self.n:
+            if self.printed != self.n and self.total:
                 self._print()
 
     def _print(self) -> None:

@@ -72,8 +72,8 @@ class RunLog:
             from torch.utils.tensorboard import SummaryWriter
 
             self.tensorboard = SummaryWriter(str(Path(out_dir) / "tensorboard"), purge_step=resume_step + 1)
-        except ImportError:
-            say("TensorBoard is not installed: logging to metrics.csv only (pip install tensorboard to add it)")
+        except ImportError:  # optional: metrics.csv is the log; the closing line lists the run folder's files
+            pass
 
     def log(self, step: int, split: str, metrics: dict[str, float]) -> None:
         if not self.enabled:
