@@ -10,8 +10,11 @@ whose opening follows the loudness), in one run:
    pretrained on the training transcripts alone. Their features are computed once, clean and noisy.
 2. per seed: MTSK MS, SS and MSS (the ``mtsk`` adapter over the rate pairs (4,2), (4,5), (16,2), (16,5),
    all pairs each step, losses averaged) and one separate LoRA model per pair (Llama-AVSR), each trained
-   ``--steps`` steps with the same optimiser, batch, LoRA rank and per-rate projectors; half the
-   training audio is noisy.
+   ``--steps`` steps with the same optimiser, batch, LoRA and per-rate projectors; half the training
+   audio is noisy. By default in the authors' parametrisation and layout (``--parametrisation reference
+   --layout reference``): LoRA on q and v only, ``--rank`` their RANK (bottleneck = LM width / RANK, scale
+   alpha / RANK with alpha = 2 RANK), A = 0 at init; BOS, tagged audio, tagged video, prompt, text. The
+   separate models are the same LoRA, one per pair (the authors' Llama-AVSR LoRA has the same form).
 3. greedy decoding of the test split at each pair, clean and at ``--snr`` dB: WER (%).
 
 Prints the WER table (mean +- std over seeds) and each strategy's mean WER difference to the separate
@@ -39,12 +42,22 @@ from data.fake_av import FakeAVConfig, make_fake_avsr
 from encoders.audio import AudioEncoderConfig, build_audio_encoder
 from encoders.video import build_video_encoder, tiny_video_config
 from mm.adapters.mtsk import MatryoshkaLoRAConfig
-from train.tasks.avsr_model import AVSRModel, AVSRModelConfig, EncodedAV, LLMConfig, VocabTokenizer, build_lm
+from train.tasks.avsr_model import (
+    AVSRModel,
+    AVSRModelConfig,
+    EncodedAV,
+    LLMConfig,
+    VocabTokenizer,
+    build_lm,
+    vocabulary_texts,
+)
 from train.tasks.metrics_text import word_error_rate
 
 AUDIO_RATES, VIDEO_RATES = [4, 16], [2, 5]
 PAIRS = [f"a{a}_v{v}" for a in AUDIO_RATES for v in VIDEO_RATES]
-TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+#: Per parametrisation: the authors adapt q and v only; our plain-LoRA variant adapted every projection.
+TARGETS = {"reference": ["q_proj", "v_proj"],
+           "lora": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]}
 FRAME_RATES = {"audio": 50.0, "video": 25.0}
 CROP = 32
 
@@ -145,13 +158,17 @@ def batch_of(cached: Cached, index: list[int], noisy: Cached | None = None, use_
 def pretrained_lm(root: str, texts: list[str], tokenizer: VocabTokenizer, steps: int):
     """A tiny Llama trained on the transcripts alone (the stand-in for a pretrained LLM), then frozen;
     cached beside the data (a recipe's ``model.llm.checkpoint`` can point at the file)."""
+    from safetensors import safe_open
     from safetensors.torch import save_file
 
     from mm.state import atomic_write
 
     path = Path(root) / f"pretrained_lm_{steps}.safetensors"
-    if path.is_file():
-        return build_lm(LLMConfig(checkpoint=str(path)), tokenizer.vocab_size).eval().requires_grad_(False), None
+    if path.is_file():  # a cache from another vocabulary (e.g. before the modality tags) is rebuilt
+        with safe_open(str(path), "pt") as cached:
+            rows = cached.get_slice("model.embed_tokens.weight").get_shape()[0]
+        if rows == tokenizer.vocab_size:
+            return build_lm(LLMConfig(checkpoint=str(path)), tokenizer.vocab_size).eval().requires_grad_(False), None
     torch.manual_seed(99)
     lm = build_lm(LLMConfig(), tokenizer.vocab_size)
     optimizer = torch.optim.AdamW(lm.parameters(), lr=3e-3)
@@ -175,17 +192,18 @@ def build_model(kind: str, pretrained_lm, tokenizer, audio_enc, video_enc, args,
     """kind: 'ms' / 'ss' / 'mss' (one MTSK model over all pairs) or a pair name (a separate LoRA model)."""
     torch.manual_seed(seed)
     lm = copy.deepcopy(pretrained_lm)
+    lora = {"targets": TARGETS[args.parametrisation], "r": args.rank, "alpha": 2.0 * args.rank,
+            "parametrisation": args.parametrisation}
     if kind in ("ms", "ss", "mss"):
         rates = (AUDIO_RATES, VIDEO_RATES)
-        adapter = MatryoshkaLoRAConfig(targets=TARGETS, r=args.rank, alpha=2.0 * args.rank, strategy=kind,
-                                       scales=PAIRS)
-    else:
+        adapter = MatryoshkaLoRAConfig(strategy=kind, scales=PAIRS, **lora)
+    else:  # one LoRA of the same parametrisation (an MS Matryoshka LoRA with a single scale is exactly that)
         audio_rate, video_rate = (int(p[1:]) for p in kind.split("_"))
         rates = ([audio_rate], [video_rate])
-        adapter = mm.LoRAConfig(targets=TARGETS, r=args.rank, alpha=2.0 * args.rank)
+        adapter = MatryoshkaLoRAConfig(strategy="ms", scales=[kind], **lora)
     mm.attach(lm, adapter, "avsr")
     config = AVSRModelConfig(audio_rates=rates[0], video_rates=rates[1], projector_hidden=args.hidden,
-                             max_new_tokens=10)
+                             max_new_tokens=10, layout=args.layout)
     return AVSRModel(config, lm, tokenizer, audio_enc, video_enc)
 
 
@@ -243,7 +261,10 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--snr", type=float, default=0.0, help="SNR (dB) of the noisy audio")
     parser.add_argument("--batch", type=int, default=16)
     parser.add_argument("--lr", type=float, default=3e-3)
-    parser.add_argument("--rank", type=int, default=8)
+    parser.add_argument("--rank", type=int, default=8, help="LoRA r: with the reference parametrisation the "
+                        "authors' RANK, a divisor (bottleneck = LM width 64 / r); with 'lora' the bottleneck")
+    parser.add_argument("--parametrisation", choices=["reference", "lora"], default="reference")
+    parser.add_argument("--layout", choices=["reference", "compact"], default="reference")
     parser.add_argument("--hidden", type=int, default=128, help="projector hidden width")
     parser.add_argument("--data", default="outputs/avsr_synth", help="where the synthetic set is written")
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
@@ -264,7 +285,7 @@ def main() -> None:
     root = str(make_fake_avsr(args.data, FakeAVConfig(splits={"train": args.train, "test": args.test},
                                                       engine="espeak", seed=0, crop_size=CROP)))
     train, noisy_train = load_split(root, "train", None), load_split(root, "train", args.snr)
-    tokenizer = VocabTokenizer.from_texts([s["text"] for s in train], "words")
+    tokenizer = VocabTokenizer.from_texts(vocabulary_texts([s["text"] for s in train], AVSRModelConfig()), "words")
     audio_enc, video_enc = pretrained_encoders(root, train, noisy_train, tokenizer, args)
     clean, noisy = encode(train, audio_enc, video_enc), encode(noisy_train, audio_enc, video_enc)
     test = {"clean": encode(load_split(root, "test", None), audio_enc, video_enc),
@@ -291,7 +312,8 @@ def main() -> None:
                 results[name].append(wer)
         results["separate (Llama-AVSR)"].append(separate)
     print(f"\nWER (%) on the synthetic test set ({len(test['clean'].texts)} utterances), mean ± std over seeds "
-          f"{args.seeds}; {args.steps} steps per model, batch {args.batch}, LoRA rank {args.rank}; columns "
+          f"{args.seeds}; {args.steps} steps per model, batch {args.batch}, LoRA r {args.rank} "
+          f"({args.parametrisation} parametrisation, {args.layout} layout); columns "
           f"(audio rate, video rate) clean and at {args.snr:g} dB SNR")
     print(table(results, list(test)))
     base = results["separate (Llama-AVSR)"]

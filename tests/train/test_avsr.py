@@ -81,15 +81,16 @@ def test_sum_reduction_and_single_modality_pairs(root):
     assert list(video_only.model.pairs) == ["v2", "v5"] and video_only.model.audio_encoder is None
 
 
-def test_layout_left_pads_and_labels_text_only(root):
-    task, batch = build(root)
+@pytest.mark.parametrize("layout", ["reference", "compact"])
+def test_layout_left_pads_and_labels_text_only(root, layout):
+    task, batch = build(root, layout=layout)
     model = task.model.eval()
     encoded = model.encode(batch)
     prefixes = model.av_tokens(encoded, "a16_v5")
-    texts = [[5, 6], [7], [8, 9, 10]]
+    texts = [[9, 10], [11], [12, 13, 14]]
     embeds, mask, positions, labels = model.layout(prefixes, texts)
     for i, (prefix, text) in enumerate(zip(prefixes, texts, strict=True)):
-        length = len(prefix) + len(text) + 2
+        length = len(prefix) + len(text) + (2 if layout == "compact" else 1)  # BOS is in the reference prefix
         assert mask[i].sum() == length and mask[i, -length:].all()
         assert positions[i, -length:].tolist() == list(range(length))
         assert labels[i][labels[i] != -100].tolist() == [*text, VocabTokenizer.EOS]
@@ -99,6 +100,32 @@ def test_layout_left_pads_and_labels_text_only(root):
         single = model.lm(inputs_embeds=alone[0], attention_mask=alone[1], position_ids=alone[2]).logits
     n = single.shape[1]
     torch.testing.assert_close(logits[0, -n:], single[0], rtol=1e-4, atol=1e-4)
+
+
+def test_reference_layout_order_on_a_built_batch(root):
+    """BOS, <audio> audio </audio>, <video> video </video>, the authors' prompt, text, EOS (Omni-AVSR's
+    modeling_AVSRLLM.py), read back from the embeddings of a built batch."""
+    task, batch = build(root)
+    model = task.model.eval()
+    assert model.config.layout == "reference"  # the default
+    encoded = model.encode(batch)
+    tok = model.tokenizer
+    prompt = tok.encode("Transcribe speech and video to text.")
+    assert VocabTokenizer.UNK not in prompt  # the prompt's words are in the vocabulary
+    text = tok.encode(batch["text"][1])
+    with torch.no_grad():
+        audio, audio_len = model.audio_proj(encoded.audio, encoded.audio_lengths, 16)
+        video, video_len = model.video_proj(encoded.video, encoded.video_lengths, 5)
+        embeds, mask, _, labels = model.layout(model.av_tokens(encoded, "a16_v5"), [[], text, []])
+        row = embeds[1][mask[1].bool()]
+        ids = model.embed_ids
+        expected = torch.cat([ids([tok.BOS, tok.tags["<audio>"]]), audio[1, : int(audio_len[1])],
+                              ids([tok.tags["</audio>"], tok.tags["<video>"]]), video[1, : int(video_len[1])],
+                              ids([tok.tags["</video>"], *prompt, *text, tok.EOS])])
+    torch.testing.assert_close(row, expected, rtol=0, atol=0)
+    assert len(set(tok.tags.values()) | {tok.BOS, tok.EOS, tok.PAD, tok.UNK}) == 8
+    assert labels[1][mask[1].bool()][-len(text) - 1:].tolist() == [*text, tok.EOS]
+    assert (labels[1][mask[1].bool()][: -len(text) - 1] == -100).all()
 
 
 def test_cached_decoding_equals_full_recomputation(root):
@@ -140,10 +167,11 @@ def test_evaluate_reports_wer_per_pair(root, monkeypatch):
 
 def test_vocab_tokenizer():
     tok = VocabTokenizer.from_texts(["one two", "Turn left!"], "words")
-    assert tok.symbols == ["left", "one", "turn", "two"] and tok.vocab_size == 8
+    assert tok.symbols == ["left", "one", "turn", "two"] and tok.vocab_size == 4 + 4 + 4
     ids = tok.encode("turn two three")
-    assert ids == [6, 7, VocabTokenizer.UNK]
-    assert tok.decode([6, 7, VocabTokenizer.EOS, 4]) == "turn two"
+    first = VocabTokenizer.FIRST_SYMBOL  # after pad, BOS, EOS, unknown and the four modality tags
+    assert ids == [first + 2, first + 3, VocabTokenizer.UNK]
+    assert tok.decode([first + 2, first + 3, VocabTokenizer.EOS, first]) == "turn two"
     chars = VocabTokenizer.from_texts(["ab"], "chars")
     assert chars.decode(chars.encode("ba")) == "ba"
 
@@ -175,6 +203,18 @@ def test_recipes_load_with_their_pairs():
         assert list(rate_pairs(found[f"mtsk_{strategy}"].model)) == PAIRS
     assert list(rate_pairs(found["audio_only"].model)) == ["a4", "a16"]
     assert list(rate_pairs(found["video_only"].model)) == ["v2", "v5"]
+    for name, recipe in found.items():  # every recipe: the authors' layout and parametrisation, q and v only
+        adapter = recipe.adapters["mtsk"]
+        assert recipe.model.layout == "reference", name
+        assert adapter.parametrisation == "reference" and adapter.targets == ["q_proj", "v_proj"], name
+
+
+def test_recipe_adapts_only_q_and_v_with_width_over_r_bottlenecks(root):
+    task, _ = build(root)  # the tiny recipe of this file: mtsk on q_proj and v_proj, r=4, LM width 32
+    layers = dict(mm.adapted_layers(task.model.lm))
+    assert layers and {name.rsplit(".", 1)[-1] for name in layers} == {"q_proj", "v_proj"}
+    for layer in layers.values():
+        assert layer.adapters["mtsk"].global_lora.lora_A.shape == (32 // 4, 32)
 
 
 @pytest.mark.slow

@@ -27,6 +27,7 @@ from train.tasks.avsr_model import (
     VocabTokenizer,
     build_lm,
     rate_pairs,
+    vocabulary_texts,
 )
 from train.tasks.metrics_text import char_error_rate, word_error_rate
 
@@ -51,7 +52,7 @@ class AVSRTask(AdapterTask):
         self._train = AVSRDataset(recipe.data, recipe.data.train_split)
         texts = [read_transcript(u.transcript) for u in self._train.utterances]
         tokenizer = HFTokenizer(cfg.llm.path) if cfg.llm.tokenizer == "hf" else VocabTokenizer.from_texts(
-            texts, cfg.llm.tokenizer)
+            vocabulary_texts(texts, cfg), cfg.llm.tokenizer)
         audio = build_audio_encoder(cfg.audio) if cfg.audio_rates else None
         video = build_video_encoder(cfg.video) if cfg.video_rates else None
         lm = self.adapt(build_lm(cfg.llm, getattr(tokenizer, "vocab_size", None)))

@@ -2,9 +2,14 @@
 -> per-rate projectors -> a causal LM (adapted, e.g. with the ``mtsk`` Matryoshka LoRA) that writes the
 transcript after the audio-visual tokens.
 
-Sequence layout (left-padded, so every row's prompt ends at the same position for batched decoding):
-``[pad ...] [audio tokens] [video tokens] BOS text EOS``; the loss covers ``text EOS``. Position ids count
-real tokens only, in training and decoding alike.
+Sequence layout (``layout``), left-padded so every row's prompt ends at the same position for batched
+decoding; the loss covers ``text EOS``; position ids count real tokens only, in training and decoding alike:
+
+- ``reference`` (default; the authors' ``modeling_AVSRLLM.py``, umbertocappellazzo/Omni-AVSR):
+  ``[pad ...] BOS <audio> [audio tokens] </audio> <video> [video tokens] </video> [prompt] text EOS``. The
+  four tags are special tokens of the tokenizer (new embedding rows for a pretrained LM, as the authors add
+  them); the prompt is theirs for the modalities present (``prompt`` overrides it).
+- ``compact``: ``[pad ...] [audio tokens] [video tokens] BOS text EOS`` (no tags, no prompt).
 
 Matryoshka training (Llama-MTSK): every step runs the LM once per configured (audio rate, video rate)
 pair, inside ``mm.route(scale=<pair name>)`` so scale-specific LoRAs pick themselves, and averages the
@@ -63,6 +68,28 @@ class AVSRModelConfig:
     matryoshka_loss: Literal["mean", "sum"] = field(
         default="mean", metadata={"help": "How the per-pair losses of a step combine (Llama-MTSK: mean)."})
     max_new_tokens: int = field(default=24, metadata={"help": "Decoding limit per utterance."})
+    layout: Literal["reference", "compact"] = field(
+        default="reference", metadata={"help": "'reference': BOS, tagged audio, tagged video, prompt, text (the "
+                                               "authors' code); 'compact': audio, video, BOS, text."})
+    prompt: str | None = field(default=None, metadata={
+        "help": "Reference layout: the instruction before the text (null: the authors' prompt for the modalities "
+                "present, e.g. 'Transcribe speech and video to text.')."})
+
+
+#: The authors' default prompts (train_LLM.py), by the modalities present.
+REFERENCE_PROMPTS = {(True, True): "Transcribe speech and video to text.",
+                     (True, False): "Transcribe speech to text.", (False, True): "Transcribe video to text."}
+#: The modality tags of the reference layout, special tokens of the tokenizer.
+TAGS = ("<audio>", "</audio>", "<video>", "</video>")
+
+
+def layout_prompt(config: AVSRModelConfig) -> str:
+    """The prompt text of the reference layout ('' for the compact one)."""
+    if config.layout != "reference":
+        return ""
+    if config.prompt is not None:
+        return config.prompt
+    return REFERENCE_PROMPTS[(bool(config.audio_rates), bool(config.video_rates))]
 
 
 def pair_name(audio_rate: int | None, video_rate: int | None) -> str:
@@ -76,14 +103,23 @@ def rate_pairs(config: AVSRModelConfig) -> dict[str, tuple[int | None, int | Non
     return {pair_name(a, v): (a, v) for a, v in itertools.product(audio, video)}
 
 
+def vocabulary_texts(texts: list[str], config: AVSRModelConfig) -> list[str]:
+    """What a tiny word/char vocabulary is built from: the transcripts and every prompt (the authors' three
+    and the recipe's), so that recipes of any modality share one vocabulary (and one pretrained tiny LM)."""
+    return [*texts, *REFERENCE_PROMPTS.values(), *([config.prompt] if config.prompt else [])]
+
+
 class VocabTokenizer:
-    """Word- or character-level ids for the tiny LM: 0 pad, 1 BOS, 2 EOS, 3 unknown, then the symbols."""
+    """Word- or character-level ids for the tiny LM: 0 pad, 1 BOS, 2 EOS, 3 unknown, 4-7 the modality tags
+    (``TAGS``), then the symbols."""
 
     PAD, BOS, EOS, UNK = 0, 1, 2, 3
+    FIRST_SYMBOL = 4 + len(TAGS)
 
     def __init__(self, symbols: list[str], level: Literal["words", "chars"]) -> None:
         self.level, self.symbols = level, list(symbols)
-        self.index = {s: i + 4 for i, s in enumerate(self.symbols)}
+        self.index = {s: i + self.FIRST_SYMBOL for i, s in enumerate(self.symbols)}
+        self.tags = {tag: 4 + i for i, tag in enumerate(TAGS)}
 
     @classmethod
     def from_texts(cls, texts: list[str], level: Literal["words", "chars"]) -> VocabTokenizer:
@@ -96,7 +132,7 @@ class VocabTokenizer:
 
     @property
     def vocab_size(self) -> int:
-        return len(self.symbols) + 4
+        return len(self.symbols) + self.FIRST_SYMBOL
 
     def encode(self, text: str) -> list[int]:
         return [self.index.get(p, self.UNK) for p in self._split(normalize_text(text), self.level)]
@@ -106,8 +142,8 @@ class VocabTokenizer:
         for i in ids:
             if i == self.EOS:
                 break
-            if i >= 4:
-                pieces.append(self.symbols[i - 4])
+            if i >= self.FIRST_SYMBOL:
+                pieces.append(self.symbols[i - self.FIRST_SYMBOL])
         return (" " if self.level == "words" else "").join(pieces)
 
 
@@ -123,6 +159,13 @@ class HFTokenizer:
             raise ValueError(f"{path}: the tokenizer has no EOS token, which ends a transcript")
         self.EOS, self.BOS = eos, self.tokenizer.bos_token_id if self.tokenizer.bos_token_id is not None else eos
         self.PAD = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else eos
+        self.tokenizer.add_special_tokens({"additional_special_tokens": list(TAGS)})  # as the authors do
+        self.tags = {tag: self.tokenizer.convert_tokens_to_ids(tag) for tag in TAGS}
+
+    @property
+    def vocab_size(self) -> int:
+        """Including the added tags: the LM's embeddings are resized to it."""
+        return len(self.tokenizer)
 
     def encode(self, text: str) -> list[int]:
         return self.tokenizer(normalize_text(text), add_special_tokens=False).input_ids
@@ -176,21 +219,39 @@ class AVSRModel(nn.Module):
         return out
 
     def av_tokens(self, encoded: EncodedAV, pair: str) -> list[torch.Tensor]:
-        """Per utterance, its audio tokens then its video tokens at ``pair``'s rates, in the LM's width."""
+        """Per utterance, its embedded sequence before the text at ``pair``'s rates (``layout``): compact: audio
+        then video tokens; reference: BOS, <audio> audio </audio>, <video> video </video>, the prompt."""
         audio_rate, video_rate = self.pairs[pair]
-        parts = []
+        parts = []  # (tokens (B, T, W), lengths (B,), the modality's tag prefix)
         if audio_rate is not None:
-            parts.append(self.audio_proj(encoded.audio, encoded.audio_lengths, audio_rate))
+            parts.append((*self.audio_proj(encoded.audio, encoded.audio_lengths, audio_rate), "audio"))
         if video_rate is not None:
-            parts.append(self.video_proj(encoded.video, encoded.video_lengths, video_rate))
+            parts.append((*self.video_proj(encoded.video, encoded.video_lengths, video_rate), "video"))
         rows = len(parts[0][0])
-        return [torch.cat([tokens[i, : int(lengths[i])] for tokens, lengths in parts]) for i in range(rows)]
+        if self.config.layout == "compact":
+            return [torch.cat([tokens[i, : int(lengths[i])] for tokens, lengths, _ in parts]) for i in range(rows)]
+        tok, prompt = self.tokenizer, self.tokenizer.encode(layout_prompt(self.config))
+        specials = [tok.BOS, *(tok.tags[t] for t in TAGS), *prompt]  # embedded once for the whole batch
+        embedded = self.embed_ids(specials).to(parts[0][0].dtype)
+        bos, tags, prompt_embeds = embedded[:1], dict(zip(TAGS, embedded[1:5].split(1), strict=True)), embedded[5:]
+        out = []
+        for i in range(rows):
+            pieces = [bos]
+            for tokens, lengths, kind in parts:
+                pieces += [tags[f"<{kind}>"], tokens[i, : int(lengths[i])], tags[f"</{kind}>"]]
+            out.append(torch.cat([*pieces, prompt_embeds]))
+        return out
+
+    def embed_ids(self, ids: list[int]) -> torch.Tensor:
+        embed = self.lm.get_input_embeddings()
+        return embed(torch.tensor(ids, dtype=torch.long, device=embed.weight.device))
 
     def layout(self, prefixes: list[torch.Tensor], texts: list[list[int]] | None):
         """Left-padded ``inputs_embeds``, attention mask, position ids and labels (None without texts)."""
         embed = self.lm.get_input_embeddings()
         tok = self.tokenizer
-        suffixes = [[tok.BOS] + ids + [tok.EOS] for ids in texts] if texts is not None else [[tok.BOS]] * len(prefixes)
+        lead = [tok.BOS] if self.config.layout == "compact" else []  # the reference puts BOS first (av_tokens)
+        suffixes = [lead + ids + [tok.EOS] for ids in texts] if texts is not None else [lead] * len(prefixes)
         lengths = [len(p) + len(s) for p, s in zip(prefixes, suffixes, strict=True)]
         total, width = max(lengths), embed.embedding_dim
         dtype = embed.weight.dtype
@@ -199,11 +260,12 @@ class AVSRModel(nn.Module):
         labels = torch.full_like(mask, IGNORE)
         for i, (prefix, suffix) in enumerate(zip(prefixes, suffixes, strict=True)):
             start = total - lengths[i]
-            ids = torch.tensor(suffix, device=mask.device)
+            ids = torch.tensor(suffix, dtype=torch.long, device=mask.device)
             embeds[i, start: start + len(prefix)] = prefix.to(dtype)
             embeds[i, start + len(prefix):] = embed(ids)
             mask[i, start:] = 1
-            labels[i, start + len(prefix) + 1:] = ids[1:]  # text and EOS; BOS and the AV tokens are inputs only
+            text_at = start + len(prefix) + len(lead)
+            labels[i, text_at:] = ids[len(lead):]  # text and EOS; BOS, tags, AV tokens and prompt are inputs only
         positions = (mask.cumsum(-1) - 1).clamp_min(0)
         return embeds, mask, positions, (labels if texts is not None else None)
 
@@ -252,10 +314,13 @@ def build_lm(config: LLMConfig, vocab_size: int | None) -> nn.Module:
 
     if config.path:
         try:
-            return AutoModelForCausalLM.from_pretrained(config.path, dtype=torch.float32)
+            lm = AutoModelForCausalLM.from_pretrained(config.path, dtype=torch.float32)
         except OSError as err:
             raise OSError(f"llm {config.path!r}: cannot load a causal LM from it ({err}); give a local folder "
                           "with config.json and weights") from None
+        if vocab_size and vocab_size > lm.get_input_embeddings().num_embeddings:  # the added modality tags
+            lm.resize_token_embeddings(vocab_size)
+        return lm
     lm = LlamaForCausalLM(LlamaConfig(
         vocab_size=vocab_size, hidden_size=config.hidden_size, intermediate_size=config.intermediate_size,
         num_hidden_layers=config.layers, num_attention_heads=config.heads, num_key_value_heads=config.kv_heads,
