@@ -122,3 +122,96 @@ def test_deepspeed_checkpoint_files_are_read_weights_only(tmp_path):
     assert loaded["stage"] is ZeroStageEnum.weights and torch.equal(loaded["state"]["exp_avg"], torch.ones(3))
     with pytest.raises(pickle.UnpicklingError, match="Unsupported global"):
         engine.checkpoint_engine.load(str(bad), map_location="cpu")
+
+
+def _loads_completely(folder: Path) -> None:
+    from train.engine.checkpoint import load_trainable
+    from train.engine.config import load_recipe
+    from train.tasks.digits import DigitsClassification
+
+    load_trainable(DigitsClassification(load_recipe(folder / "config.yaml")), folder)
+    assert torch.load(folder / "optimizer.pt", weights_only=True)["state"]
+
+
+def test_a_kill_while_pruning_leaves_only_loadable_checkpoints(tmp_path, monkeypatch):
+    """Pruning renames a folder out of the step- namespace before deleting it: a kill half-way through the
+    delete (simulated: optimizer.pt gone, then the kill) leaves no folder that looks complete but is not."""
+    real_rmtree = checkpoint.shutil.rmtree
+
+    def killed_mid_delete(path, *args, **kwargs):
+        path = Path(path)
+        if (path / "optimizer.pt").is_file() and not path.name.startswith(".tmp-"):
+            (path / "optimizer.pt").unlink()
+            raise KeyboardInterrupt(f"killed while deleting {path}")
+        return real_rmtree(path, *args, **kwargs)
+
+    monkeypatch.setattr(checkpoint.shutil, "rmtree", killed_mid_delete)
+    with pytest.raises(KeyboardInterrupt):
+        train(digits_recipe(tmp_path / "run", "train.max_steps=4", "train.save_every=1", "train.keep_last=1"))
+    monkeypatch.undo()
+    root = tmp_path / "run" / "checkpoints"
+    found = complete_checkpoints(root)
+    assert [p.name for p in found] == ["step-00000002"]
+    for folder in found:
+        _loads_completely(folder)
+    result = train(digits_recipe(tmp_path / "run", "train.max_steps=4", "train.save_every=1", "train.keep_last=1",
+                                 "train.resume=auto"))
+    assert result.resumed_from.name == "step-00000002" and result.step == 4
+    assert sorted(p.name for p in root.iterdir()) == ["step-00000004"], "the next prune clears the trash"
+
+
+def test_an_unreadable_newest_checkpoint_falls_back_to_the_previous_one(tmp_path, capsys):
+    extra = ("train.max_steps=6", "train.save_every=2", "train.keep_last=3", "adapters.default.dropout=0.2")
+    reference = train(digits_recipe(tmp_path / "ref", *extra))
+    run = tmp_path / "run"
+    shutil.copytree(tmp_path / "ref" / "checkpoints", run / "checkpoints", ignore=shutil.ignore_patterns("step-00000006"))
+    newest = run / "checkpoints" / "step-00000004" / "optimizer.pt"
+    newest.write_bytes(newest.read_bytes()[:100])  # truncated, as a full disk or a torn copy leaves it
+    capsys.readouterr()
+    resumed = train(digits_recipe(run, *extra, "train.resume=auto"))
+    out = capsys.readouterr().out
+    assert f"WARNING: checkpoint {newest}: unreadable" in out and "falling back to" in out
+    assert resumed.resumed_from.name == "step-00000002"
+    for step, loss in resumed.losses.items():
+        assert loss == pytest.approx(reference.losses[step], abs=1e-6), step
+    broken = run / "checkpoints" / ".broken-step-00000004" / "optimizer.pt"
+    assert broken.stat().st_size == 100, "the unreadable checkpoint is set aside, not deleted"
+    assert [p.name for p in complete_checkpoints(run / "checkpoints")] == ["step-00000002", "step-00000004",
+                                                                           "step-00000006"]
+
+
+def test_an_explicit_unreadable_checkpoint_is_an_error_naming_the_file(tmp_path):
+    from train.engine.checkpoint import CheckpointError
+
+    train(digits_recipe(tmp_path / "run", "train.max_steps=2", "train.save_every=2"))
+    folder = tmp_path / "run" / "checkpoints" / "step-00000002"
+    (folder / "scheduler.json").write_text("{not json")
+    with pytest.raises(CheckpointError, match=r"scheduler.json: unreadable \(JSONDecodeError"):
+        train(digits_recipe(tmp_path / "again", "train.max_steps=4", f"train.resume={folder}"))
+
+
+@pytest.mark.parametrize("failure", ["optimizer", "adapters"])
+def test_a_full_disk_during_a_save_is_one_error_naming_the_path(tmp_path, monkeypatch, failure):
+    import errno
+    import os
+
+    from train.engine.checkpoint import CheckpointError
+
+    run = tmp_path / "run"
+    train(digits_recipe(run, "train.max_steps=2", "train.save_every=2"))
+    if failure == "optimizer":
+        def full(data, path):
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), path)
+
+        monkeypatch.setattr(checkpoint, "_torch_save", full)
+    else:  # safetensors reports it from Rust, in words only
+        def full(*_args, **_kwargs):
+            raise RuntimeError("Error while serializing: IoError(Os { code: 28, kind: StorageFull, "
+                               "message: \"No space left on device\" })")
+
+        monkeypatch.setattr("mm.save_adapters", full)
+    with pytest.raises(CheckpointError, match=r"\.tmp-step-00000004.*No space left on device while writing "
+                                              r"checkpoint step-00000004; the earlier checkpoints .* are kept"):
+        train(digits_recipe(run, "train.max_steps=4", "train.save_every=2", "train.resume=auto"))
+    root = run / "checkpoints"
+    assert sorted(p.name for p in root.iterdir()) == ["step-00000002"], "the partial save is cleaned up"
