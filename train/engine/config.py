@@ -34,6 +34,9 @@ class OptimConfig:
         default="cosine", metadata={"help": "Decay after warm-up: cosine, linear (to min_lr_ratio) or constant."})
     warmup_steps: int = field(default=0, metadata={"help": "Linear warm-up from 0 over this many steps."})
     min_lr_ratio: float = field(default=0.0, metadata={"help": "Final lr as a fraction of lr."})
+    loraplus_ratio: float | None = field(
+        default=None, metadata={"help": "LoRA+ (Hayou et al., 2024): adapters' B matrices (lora_B) train at "
+                                        "lr * this ratio, everything else at lr (null: off; the paper uses ~16)."})
 
 
 @dataclass
@@ -59,6 +62,9 @@ class TrainConfig:
     progress: bool = field(default=True, metadata={"help": "Show a progress bar on the main process."})
     threads: int | None = field(default=None, metadata={"help": "torch CPU threads per process (null: "
                                                                 "torch's default)."})
+    rules: list[Any] = field(
+        default_factory=list, metadata={"help": "Training rules (train/rules/): names or {name: ..., setting: "
+                                                "value} mappings, e.g. [dylora_rank, {name: lisa, n_layers: 2}]."})
 
 
 @dataclass
@@ -282,6 +288,11 @@ def check_recipe(recipe: Recipe) -> None:
         raise ConfigError(f"{source}: key 'optim.betas' needs two values, got {recipe.optim.betas}")
     if t.deepspeed is not None and not Path(t.deepspeed).is_file():
         raise ConfigError(f"{source}: key 'train.deepspeed': no such file {t.deepspeed!r}")
+    if recipe.optim.loraplus_ratio is not None and recipe.optim.loraplus_ratio <= 0:
+        raise ConfigError(f"{source}: key 'optim.loraplus_ratio' must be > 0, got {recipe.optim.loraplus_ratio}")
+    from train.rules.base import resolved_rules  # late: rule modules import torch
+
+    t.rules = resolved_rules(recipe)  # checked, and written out with every setting
 
 
 #: Config files under configs/ that are not ``mmtune train`` recipes: top-level folder -> "module:function"
@@ -290,7 +301,8 @@ CONFIG_VALIDATORS: dict[str, str] = {
     "accelerate": "train.engine.distributed:validate_accelerate_config",
     "deepspeed": "train.engine.distributed:validate_deepspeed_config",
     "clip": "train.tasks.fewshot:load_recipe",  # few-shot method recipes (mmtune fewshot)
-    "eo": "train.tasks.eo:validate_config",  # EO training (task: eo) and clustering (task: cluster) recipes
+    "eo": "train.tasks.eo:validate_config",
+    "federated": "train.rules.federated_run:load_federated_recipe",  # recipes of mmtune federate  # EO training (task: eo) and clustering (task: cluster) recipes
 }
 
 

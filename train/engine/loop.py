@@ -43,6 +43,7 @@ from train.engine.distributed import (
 )
 from train.engine.run_log import RunLog
 from train.engine.task import get_task
+from train.rules.base import build_rules
 
 
 class NonFiniteLossError(MMTuneError, RuntimeError):
@@ -67,7 +68,8 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def build_optimizer(params: list[torch.nn.Parameter], optim: OptimConfig) -> torch.optim.Optimizer:
+def build_optimizer(params: list, optim: OptimConfig) -> torch.optim.Optimizer:
+    """``optim.name`` over ``params`` (parameters, or param groups whose own settings override ``optim``)."""
     if optim.name == "adamw":
         return torch.optim.AdamW(params, lr=optim.lr, betas=tuple(optim.betas), eps=optim.eps,
                                  weight_decay=optim.weight_decay)
@@ -157,7 +159,9 @@ class Trainer:
         trainable = [p for p in task.parameters() if p.requires_grad]
         if not trainable:
             raise ConfigError(f"{recipe.source}: nothing to train: no adapters and no trainable head")
-        optimizer = build_optimizer(trainable, recipe.optim)
+        self.rules = build_rules(recipe)  # train.rules and optim.loraplus_ratio (train/rules/)
+        groups = self.rules.param_groups(task, trainable, recipe.optim)
+        optimizer = self.rules.make_optimizer(groups, recipe.optim, build_optimizer)
         self.scheduler = build_scheduler(optimizer, recipe.optim, t.max_steps)
         before_prepare(accelerator, task)
         self.model, self.optimizer = accelerator.prepare(task, optimizer)
@@ -170,6 +174,7 @@ class Trainer:
             self.state = load_checkpoint(accelerator, self.model, self.task, self.optimizer, self.scheduler,
                                          resumed_from)
             self.say(f"resumed from {resumed_from} (step {self.state.step}, micro-batch {self.state.micro_batches})")
+        self.rules.on_train_start(self.task, self.optimizer, accelerator, self.state.step)
         if accelerator.is_main_process:
             save_resolved(recipe, recipe.out_dir / "config.yaml")
         self.log = RunLog(recipe.out_dir, accelerator.is_main_process, resume_step=self.state.step, say=self.say)
@@ -194,6 +199,7 @@ class Trainer:
             started, lr = time.perf_counter(), self.scheduler.get_last_lr()[0]
             loss, grad_norm, task_logs = self.optimizer_step()
             state.step += 1
+            self.rules.on_step_end(state.step, task_logs)
             self.step_times.append(time.perf_counter() - started)
             result.losses[state.step] = loss
             throughput = self.samples_per_step / self.step_times[-1]
@@ -215,6 +221,7 @@ class Trainer:
         ranks), the gradient norm, and the mean of the task's own logs (this rank's micro-batches)."""
         accelerator, t, state = self.accelerator, self.t, self.state
         window_start, losses, dropped, grad_norm, logs = state.micro_batches, [], False, None, []
+        self.rules.on_step_start(state.step)
         for _ in range(t.grad_accum):
             index, batch = next(self.stream)
             with accelerator.accumulate(self.model):
@@ -230,7 +237,9 @@ class Trainer:
                             f"{index}); saved the last good checkpoint {path} (step {state.step}). Resume "
                             "with train.resume=auto once fixed, or set train.nonfinite=skip to drop such steps")
                     dropped = True
+                self.rules.before_backward(loss)
                 accelerator.backward(loss)
+                self.rules.after_backward()
                 state.micro_batches = index + 1
                 losses.append(value)
                 if accelerator.sync_gradients:
@@ -239,6 +248,7 @@ class Trainer:
                         state.skipped_steps += 1
                         self.say(f"step {state.step + 1}: non-finite loss, gradients dropped (train.nonfinite=skip)")
                     else:
+                        self.rules.before_optimizer_step(state.step)
                         self.optimizer.step()
                     self.scheduler.step()
                     self.optimizer.zero_grad(set_to_none=True)

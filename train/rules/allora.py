@@ -17,14 +17,23 @@ gives plain SGD, otherwise Adam(W) moments with bias correction.
 The ALLoRA architecture is plain LoRA with alpha = r (scaling 1) and dropout 0:
 ``allora_lora_config(targets=[...], r=8)`` returns exactly that ``mm.LoRAConfig``. The optimizer works
 with any adapter (LoRA-XS's R, LoLDU's diagonal, ...): it only looks at parameter norms.
+
+In ``mmtune train`` the ``allora`` rule (``train.rules: [{name: allora, eta: 4}]``) replaces the optimizer
+with ``ALLoRA`` (Adam moments with ``optim.name: adamw``, plain SGD with ``optim.name: sgd``; lr, weight
+decay, betas and the schedule from ``optim``) and refuses a recipe whose adapters still have dropout or a
+LoRA scaling other than 1.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterable
+from dataclasses import dataclass, field
 from typing import Any, Literal
 
 import torch
+
+from mm.config import ConfigError
+from train.rules.base import RULES, RuleConfig, RuleHooks
 
 
 def allora_coefficient(
@@ -106,3 +115,45 @@ def allora_lora_config(**kwargs: Any) -> Any:
         raise mm.ConfigError(f"allora: keys {fixed} are fixed by ALLoRA (scaling 1, no dropout); leave them out")
     r = kwargs.get("r", mm.LoRAConfig.__dataclass_fields__["r"].default)
     return mm.LoRAConfig(alpha=float(r), dropout=0.0, **kwargs)
+
+
+@dataclass
+class ALLoRARuleConfig(RuleConfig):
+    eta: float = field(default=4.0, metadata={"help": "Largest step boost (at a zero row), in units of lr; the "
+                                                      "paper tunes it, 4.0 is our default, not the paper's."})
+    granularity: Literal["row", "tensor"] = field(
+        default="row", metadata={"help": "Norm per row (dim 0) of each matrix, or per whole tensor."})
+    apply_to: Literal["step", "gradient"] = field(
+        default="step", metadata={"help": "Scale the optimizer's update (an adaptive lr) or the gradient."})
+
+    def validate(self, recipe: Any, key: str) -> None:
+        where = f"{recipe.source}: key '{key}'"
+        if self.eta <= 0:
+            raise ConfigError(f"{where}: allora needs eta > 0, got {self.eta}")
+        if recipe.optim.name == "adamw8bit" or (recipe.optim.name == "sgd" and recipe.optim.momentum):
+            raise ConfigError(f"{where}: allora is AdamW or plain SGD; set optim.name to adamw or sgd "
+                              f"(momentum 0), got {recipe.optim.name} (momentum {recipe.optim.momentum})")
+        if recipe.train.deepspeed is not None:
+            raise ConfigError(f"{where}: allora needs each parameter's rows, which DeepSpeed flattens into "
+                              "shards; drop train.deepspeed")
+        for name, adapter in recipe.adapters.items():
+            if getattr(adapter, "dropout", 0.0):
+                raise ConfigError(f"{where}: ALLoRA trains without dropout; set adapters.{name}.dropout=0 "
+                                  f"(got {adapter.dropout})")
+            scaling = getattr(adapter, "scaling", None)
+            if isinstance(scaling, float) and abs(scaling - 1.0) > 1e-12:
+                raise ConfigError(f"{where}: ALLoRA has no LoRA scaling; set adapters.{name}.alpha equal to "
+                                  f"its r={adapter.r} (and rslora false), got scaling {scaling:g}")
+
+
+@RULES.register("allora")
+class ALLoRARule(RuleHooks):
+    """The ALLoRA optimizer in place of ``optim.name``, over the loop's param groups."""
+
+    config_class = ALLoRARuleConfig
+
+    def make_optimizer(self, groups: list[dict[str, Any]], optim: Any) -> torch.optim.Optimizer:
+        cfg = self.config
+        return ALLoRA(groups, lr=optim.lr, eta=cfg.eta, betas=None if optim.name == "sgd" else tuple(optim.betas),
+                      eps=optim.eps, weight_decay=optim.weight_decay, granularity=cfg.granularity,
+                      apply_to=cfg.apply_to)
