@@ -301,8 +301,8 @@ CONFIG_VALIDATORS: dict[str, str] = {
     "accelerate": "train.engine.distributed:validate_accelerate_config",
     "deepspeed": "train.engine.distributed:validate_deepspeed_config",
     "clip": "train.tasks.fewshot:load_recipe",  # few-shot method recipes (mmtune fewshot)
-    "eo": "train.tasks.eo:validate_config",
-    "federated": "train.rules.federated_run:load_federated_recipe",  # recipes of mmtune federate  # EO training (task: eo) and clustering (task: cluster) recipes
+    "eo": "train.tasks.eo:validate_config",  # EO training (task: eo) and clustering (task: cluster) recipes
+    "federated": "train.rules.federated_run:load_federated_recipe",  # recipes of mmtune federate
 }
 
 
