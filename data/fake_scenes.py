@@ -43,6 +43,7 @@ def make_fake_scenes(root: str | Path, n_scenes: int = 2, size: int = 96, seed: 
     """Scenes and their labels; returns {"inputs": [...], "landcover": [...], "canopy": [...]}."""
     from affine import Affine
     from rasterio.crs import CRS
+    from rasterio.transform import array_bounds
     from rasterio.warp import Resampling, calculate_default_transform, reproject
 
     rng = np.random.default_rng(seed)
@@ -57,13 +58,12 @@ def make_fake_scenes(root: str | Path, n_scenes: int = 2, size: int = 96, seed: 
         dn[:, : size // 4, : size // 4] = 0  # outside the swath: nodata
         out["inputs"].append(_write(root / "scenes" / f"LC08_scene{i}.tif", dn, SCENE_CRS, transform, 0,
                                     ["SR_B2", "SR_B3", "SR_B4"]))
-        label_transform = transform * Affine.translation(0, 0)
+        label_transform = transform
         if shifted_km:
-            label_transform = Affine.translation(shifted_km * 1000, 0) * transform
+            label_transform = Affine.translation(shifted_km * 1000, 0) @ transform
         codes = np.asarray(CLASSES, np.uint8)[classes][None]
         dst_crs = CRS.from_epsg(4326)
-        left, top = label_transform * (0, 0)
-        right, bottom = label_transform * (size, size)
+        left, bottom, right, top = array_bounds(size, size, label_transform)
         geo_transform, w, h = calculate_default_transform(SCENE_CRS, dst_crs, size, size, left, bottom, right, top)
         geo = np.zeros((1, h, w), np.uint8)
         reproject(codes, geo, src_transform=label_transform, src_crs=SCENE_CRS, dst_transform=geo_transform,
@@ -72,7 +72,7 @@ def make_fake_scenes(root: str | Path, n_scenes: int = 2, size: int = 96, seed: 
         height = (CANOPY_M[classes] * rng.lognormal(0, 0.1, classes.shape)).astype(np.float32)
         coarse = height.reshape(size // 2, 2, size // 2, 2).mean((1, 3))[None]  # 60 m, same CRS
         out["canopy"].append(_write(root / "labels" / f"canopy{i}.tif", coarse, SCENE_CRS,
-                                    label_transform * Affine.scale(2), None))
+                                    label_transform @ Affine.scale(2), None))
     return out
 
 

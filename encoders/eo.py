@@ -34,7 +34,6 @@ from mm.errors import MMTuneError
 #: Adapter targets of a timm ViT tower: attention qkv / output and both MLP layers of every block.
 VIT_TARGETS = ["qkv", "proj", "fc1", "fc2"]
 RESNET_TARGETS = ["neck"]
-STEM_KEYS = {"vit": "patch_embed.proj.weight", "resnet": "conv1.weight"}
 #: Prefixes under which checkpoints of other frameworks keep a backbone's keys (MoCo, DINO, Lightning).
 PREFIXES = ("module.encoder_q.", "module.base_encoder.", "module.backbone.", "module.", "backbone.", "model.",
             "encoder.", "teacher.backbone.", "student.backbone.")
@@ -171,10 +170,11 @@ class EOTower(nn.Module):
 
     def load_rgb_checkpoint(self, path: str) -> None:
         """Load pretrained weights (timm/torchgeo layouts, any prefix); the stem is fitted to the bands."""
-        stem = STEM_KEYS[self.config.arch]
+        own = self.backbone.state_dict()
+        # The stem: conv1.weight (resnet18/50), conv1.0.weight (deep-stem resnet*t/d), patch_embed.proj.weight.
+        stem = next(k for k, v in own.items() if v.ndim == 4 and v.shape[1] == self.config.in_chans)
         state = read_state(path, stem)
         state[stem] = fit_stem(state[stem], self.config, path)
-        own = self.backbone.state_dict()
         if "pos_embed" in state and state["pos_embed"].shape != own.get("pos_embed", state["pos_embed"]).shape:
             from timm.layers import resample_abs_pos_embed
 

@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from safetensors.torch import save_file
 
 import mm
-from encoders.eo import EOTower, EOTowerConfig, adapt_rgb_kernels, build_eo_encoder
+from encoders.eo import EOCheckpointError, EOTower, EOTowerConfig, adapt_rgb_kernels, build_eo_encoder
 
 TINY_VIT = dict(arch="vit", model="vit_tiny_patch16_224", img_size=16, patch_size=8, embed_dim=32, depth=2,
                 num_heads=2)
@@ -41,12 +41,54 @@ def test_vit_tower_takes_any_band_count_and_loads_an_rgb_checkpoint(tmp_path):
 
 
 def test_checkpoint_errors_name_the_file(tmp_path):
-    with pytest.raises(FileNotFoundError, match="missing.pt: checkpoint not found"):
+    with pytest.raises(EOCheckpointError, match="missing.pt: checkpoint not found"):
         EOTower(EOTowerConfig(in_chans=4, checkpoint=str(tmp_path / "missing.pt"), **TINY_VIT))
     path = tmp_path / "other.safetensors"
     save_file({"something.weight": torch.zeros(2)}, str(path))
-    with pytest.raises(KeyError, match="no 'patch_embed.proj.weight'"):
+    with pytest.raises(EOCheckpointError, match="no 'patch_embed.proj.weight'"):
         EOTower(EOTowerConfig(in_chans=4, checkpoint=str(path), **TINY_VIT))
+    rgb = EOTower(EOTowerConfig(in_chans=5, **TINY_VIT))
+    five = tmp_path / "five.safetensors"
+    save_file({k: v.contiguous() for k, v in rgb.backbone.state_dict().items()}, str(five))
+    with pytest.raises(EOCheckpointError, match="stem takes 5 bands, the tower 4; name them with checkpoint_bands"):
+        EOTower(EOTowerConfig(in_chans=4, checkpoint=str(five), **TINY_VIT))
+
+
+SSL4EO_S2_BANDS = ["B1", "B2", "B3", "B4", "B5", "B6", "B7", "B8", "B8A", "B9", "B10", "B11", "B12"]
+
+
+def test_a_torchgeo_style_13_band_resnet_checkpoint_under_a_moco_prefix_loads_by_band_name(tmp_path):
+    """torchgeo's SSL4EO-S12 ResNet weights are timm state dicts over the 13 Sentinel-2 L1C bands; MoCo and
+    Lightning checkpoints keep the same keys under a prefix inside ``state_dict``."""
+    torch.manual_seed(0)
+    source = EOTower(EOTowerConfig(arch="resnet", model="resnet10t", in_chans=13))
+    state = {f"module.encoder_q.{k}": v for k, v in source.backbone.state_dict().items()}
+    state["module.encoder_q.fc.weight"] = torch.zeros(128, source.feature_size)  # a MoCo projection: dropped
+    path = tmp_path / "ssl4eo_moco.pth"
+    torch.save({"state_dict": state, "epoch": 99}, path)
+    mine = ["B2", "B3", "B4", "B8"]
+    tower = EOTower(EOTowerConfig(arch="resnet", model="resnet10t", in_chans=4, checkpoint=str(path),
+                                  checkpoint_bands=SSL4EO_S2_BANDS, band_names=mine))
+    stem = source.backbone.conv1[0].weight if isinstance(source.backbone.conv1, torch.nn.Sequential) \
+        else source.backbone.conv1.weight
+    own = tower.backbone.conv1[0].weight if isinstance(tower.backbone.conv1, torch.nn.Sequential) \
+        else tower.backbone.conv1.weight
+    picked = stem[:, [SSL4EO_S2_BANDS.index(b) for b in mine]] * (13 / 4)
+    assert torch.allclose(own, picked)
+    layer = "layer4.0.conv1.weight"
+    assert torch.equal(tower.backbone.state_dict()[layer], source.backbone.state_dict()[layer])
+    with pytest.raises(EOCheckpointError, match=r"bands \['VV'\] are not among the checkpoint's"):
+        EOTower(EOTowerConfig(arch="resnet", model="resnet10t", in_chans=1, checkpoint=str(path),
+                              checkpoint_bands=SSL4EO_S2_BANDS, band_names=["VV"]))
+
+
+def test_feature_maps_for_a_segmentation_decoder():
+    vit = EOTower(EOTowerConfig(in_chans=3, feature_levels=2, **TINY_VIT))
+    assert [m.shape for m in vit.feature_maps(torch.randn(2, 3, 16, 16))] == [(2, 32, 2, 2)] * 2
+    assert vit.feature_channels == [32, 32]
+    resnet = EOTower(EOTowerConfig(arch="resnet", model="resnet10t", in_chans=3, feature_levels=3))
+    maps = resnet.feature_maps(torch.randn(2, 3, 32, 32))
+    assert [m.shape[1] for m in maps] == resnet.feature_channels and [m.shape[-1] for m in maps] == [4, 2, 1]
 
 
 def test_fused_towers_concatenate_and_adapters_attach_to_default_targets():
