@@ -122,3 +122,41 @@ def test_saved_adapters_reload_to_the_same_accuracy(fewshot_run):
         encoder = load_trained(bundle.model, record["files"])
         head = make_head(bundle, encoder, data.classes, ["a photo of a {}."])
         assert accuracy(encoder, head, test_x, test_y) == pytest.approx(record["accuracy"], abs=1e-6), method
+
+
+def test_finished_runs_survive_a_later_failure(tmp_path, capsys, monkeypatch):
+    """The JSON and table are rewritten after every finished (method, shots, seed): a failure in the third
+    run leaves the first two on disk, as valid JSON marked incomplete."""
+    from data.fake_images import make_fake_fewshot_dataset
+    from train.cli import main
+    from train.tasks import fewshot as fewshot_module
+
+    data = make_fake_fewshot_dataset(tmp_path / "data", "folder", train_per_class=2, test_per_class=2, size=32)
+    real_probe, calls = fewshot_module.linear_probe_accuracy, []
+
+    def probe_failing_at_the_second_seed(*args, **kwargs):
+        calls.append(args[4])  # the seed
+        if len(calls) == 2:
+            raise RuntimeError("simulated crash in the middle of a run")
+        return real_probe(*args, **kwargs)
+
+    monkeypatch.setattr(fewshot_module, "linear_probe_accuracy", probe_failing_at_the_second_seed)
+    out = tmp_path / "out"
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        main(["fewshot", "--model", "tiny-test", "--data", str(data), "--shots", "1", "--seeds", "1", "2",
+              "--methods", "zero-shot", "linear-probe", "--out-dir", str(out), "--no-progress"])
+    saved = json.loads((out / "fewshot_results.json").read_text(), parse_constant=pytest.fail)
+    assert saved["complete"] is False
+    assert [(r["method"], r["seed"]) for r in saved["records"]] == [("zero-shot", None), ("linear-probe", 1)]
+    assert [line.split("|")[1].strip() for line in (out / "fewshot_table.md").read_text().splitlines()[2:]] == [
+        "zero-shot", "linear-probe"]
+
+
+def test_report_json_has_null_not_nan(tmp_path):
+    from train.tasks.fewshot_report import write_progress
+
+    record = {"method": "lora", "shots": 1, "seed": 1, "accuracy": float("nan"), "trainable_params": 4,
+              "train_seconds": float("inf"), "files": []}
+    path = write_progress({"settings": {}, "classes": ["a"], "records": [record]}, tmp_path)["json"]
+    saved = json.loads(path.read_text(), parse_constant=pytest.fail)  # NaN/Infinity would call parse_constant
+    assert saved["records"][0]["accuracy"] is None and saved["records"][0]["train_seconds"] is None

@@ -302,10 +302,10 @@ def preflight(settings: FewShotSettings, data: FewShotData) -> dict[tuple[int, i
     if missing:
         more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
         raise ImageReadError(f"{missing[0]}: image file not found{more}; listed by {data.source}")
-    out_dir = Path(settings.out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    with tempfile.NamedTemporaryFile(dir=out_dir, prefix=".write-test-"):
-        pass  # an unwritable folder fails here (PermissionError naming it), not after the first results
+    for folder in [Path(settings.out_dir)] + ([Path(settings.out_dir) / "adapters"] if settings.save_adapters else []):
+        folder.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=folder, prefix=".write-test-"):
+            pass  # an unwritable folder fails here (an OSError naming it), not after the first results
     return shot_sets
 
 
