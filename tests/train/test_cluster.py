@@ -91,7 +91,8 @@ def test_cli_clusters_blobs_with_all_three_methods(tmp_path, capsys):
 
 def test_m3leo_features_label_chips_by_dominant_landcover(tmp_path):
     data = ClusterDataConfig(source="m3leo", split="train", m3leo={
-        "fake_root": str(tmp_path), "fake_chips": 8, "fake_size": 8, "modalities": {"s1grd": ["*_vvasc"]}})
+        "synthetic": True, "fake_root": str(tmp_path), "fake_chips": 8, "fake_size": 8,
+        "modalities": {"s1grd": ["*_vvasc"]}})
     x, y, shape = load_features(data)
     assert x.shape == (len(y), 2 * 4) and shape is None and np.isfinite(x).all()
     assert set(y.tolist()) <= set(range(11))
