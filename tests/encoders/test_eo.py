@@ -94,8 +94,8 @@ def test_feature_maps_for_a_segmentation_decoder():
 def test_fused_towers_concatenate_and_adapters_attach_to_default_targets():
     torch.manual_seed(0)
     encoder = build_eo_encoder({"s1grd": EOTowerConfig(in_chans=4, **TINY_VIT),
-                                "s2msi": EOTowerConfig(in_chans=12, **TINY_VIT)})
-    batch = {"s1grd": torch.randn(3, 4, 16, 16), "s2msi": torch.randn(3, 12, 16, 16)}
+                                "s2srm": EOTowerConfig(in_chans=12, **TINY_VIT)})
+    batch = {"s1grd": torch.randn(3, 4, 16, 16), "s2srm": torch.randn(3, 12, 16, 16)}
     encoder.eval()
     before = encoder(batch)
     assert before.shape == (3, 64) and encoder.feature_size == 64
