@@ -37,3 +37,25 @@ def test_debug_shows_the_traceback(tmp_path: Path, capsys) -> None:
     missing = tmp_path / "nope.yaml"
     with pytest.raises(FileNotFoundError):
         run_mmtune(["train", "--debug", "--config", str(missing), "--check"], capsys)
+
+
+@pytest.mark.parametrize("override, key", [
+    ("optim.lr=.nan", "optim.lr"),  # was accepted: NaN passes `lr <= 0`
+    ("optim.lr=1e999", "optim.lr"),  # YAML 1.1 reads it as a string, float() makes it inf
+    ("adapters.default.alpha=.nan", "adapters.default.alpha"),
+    ("train.clip_norm=.inf", "train.clip_norm"),
+    ("optim.betas=[0.9,.nan]", "optim.betas[1]"),
+    ("optim.min_lr_ratio=-.inf", "optim.min_lr_ratio"),
+])
+def test_non_finite_number_names_the_key(override: str, key: str, capsys) -> None:
+    result = run_mmtune(["train", "--config", RECIPE, "--check", override], capsys)
+    assert_clear_error(result, "train", f"'{key}'", "finite")
+
+
+@pytest.mark.parametrize("override, key", [
+    ("train.max_nonfinite_skips=0", "train.max_nonfinite_skips"),
+    ("train.nonfinite=ignore", "train.nonfinite"),
+])
+def test_bad_nonfinite_setting_names_the_key(override: str, key: str, capsys) -> None:
+    result = run_mmtune(["train", "--config", RECIPE, "--check", override], capsys)
+    assert_clear_error(result, "train", key)

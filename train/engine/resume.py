@@ -74,15 +74,16 @@ def resume_run(accelerator, model, task, optimizer, scheduler, recipe: Recipe, c
             if str(folder) not in reason:
                 reason = f"{folder}: {reason}"
         if _all_ranks(accelerator, reason is None):
+            for broken in candidates[:position]:  # only now: a failed resume moves nothing
+                set_aside(accelerator, broken)
             apply_recipe_rates(optimizer, scheduler, fresh_groups)
             return Resumed(state, folder, skipped)
         reason = reason or f"{folder}: unreadable on another process"
         if recipe.train.resume != "auto" or position == len(candidates) - 1:
-            raise CheckpointError(reason + ("" if len(candidates) == 1 else "; no older complete checkpoint "
-                                            "could be read either (see the warnings above)"))
+            raise CheckpointError(reason + ("" if position == 0 else f" (the oldest of {len(candidates)} complete "
+                                            "checkpoints; the newer ones are unreadable too: see the warnings)"))
         say(f"WARNING: checkpoint {reason}; falling back to {candidates[position + 1]}")
         skipped.append(reason)
-        set_aside(accelerator, folder)
     return None
 
 
