@@ -9,6 +9,8 @@ RNG states, the data position and the resolved recipe.
 
 from __future__ import annotations
 
+import errno
+import io
 import json
 import os
 import random
@@ -112,31 +114,64 @@ def save_checkpoint(accelerator, model, task: nn.Module, optimizer, scheduler, s
     if (final / "state.json").is_file():
         return final  # this step is saved already (a stop right after a save)
     tmp = root / f".tmp-step-{state.step:08d}"
-    if accelerator.is_main_process:
-        shutil.rmtree(tmp, ignore_errors=True)  # a leftover from a killed run
-        tmp.mkdir(parents=True)
-    accelerator.wait_for_everyone()
-    save_trainable(accelerator, task, tmp)
-    if is_deepspeed(accelerator):
-        # ZeRO shards the optimizer state; DeepSpeed writes each rank's part.
-        model.save_checkpoint(str(tmp / "deepspeed"), tag="state", exclude_frozen_parameters=True,
-                              save_latest=False)
-    elif is_fsdp(accelerator):
-        _save_fsdp_optimizer(accelerator, model, optimizer, tmp / "optimizer.pt")
-    elif accelerator.is_main_process:
-        atomic_write(tmp / "optimizer.pt", lambda t: torch.save(optimizer.state_dict(), t))
-    _write_json(tmp / f"rng-rank{accelerator.process_index}.json", _rng_state())
-    accelerator.wait_for_everyone()
-    if accelerator.is_main_process:
-        _write_json(tmp / "scheduler.json", scheduler.state_dict())
-        save_resolved(recipe, tmp / "config.yaml")
-        _write_json(tmp / "state.json", asdict(state))  # last: its presence marks the folder complete
-        _fsync_dir(tmp)
-        os.replace(tmp, final)
-        _fsync_dir(root)
-        prune(root, keep_last)
+    try:
+        if accelerator.is_main_process:
+            shutil.rmtree(tmp, ignore_errors=True)  # a leftover from a killed run
+            tmp.mkdir(parents=True)
+        accelerator.wait_for_everyone()
+        save_trainable(accelerator, task, tmp)
+        if is_deepspeed(accelerator):
+            # ZeRO shards the optimizer state; DeepSpeed writes each rank's part.
+            model.save_checkpoint(str(tmp / "deepspeed"), tag="state", exclude_frozen_parameters=True,
+                                  save_latest=False)
+        elif is_fsdp(accelerator):
+            _save_fsdp_optimizer(accelerator, model, optimizer, tmp / "optimizer.pt")
+        elif accelerator.is_main_process:
+            atomic_write(tmp / "optimizer.pt", lambda t: _torch_save(optimizer.state_dict(), t))
+        _write_json(tmp / f"rng-rank{accelerator.process_index}.json", _rng_state())
+        accelerator.wait_for_everyone()
+        if accelerator.is_main_process:
+            _write_json(tmp / "scheduler.json", scheduler.state_dict())
+            save_resolved(recipe, tmp / "config.yaml")
+            _write_json(tmp / "state.json", asdict(state))  # last: its presence marks the folder complete
+            _fsync_dir(tmp)
+            os.replace(tmp, final)
+            _fsync_dir(root)
+            prune(root, keep_last)
+    except Exception as err:
+        reason = storage_failure(err)
+        if reason is None:
+            raise
+        shutil.rmtree(tmp, ignore_errors=True)  # give the space back; the earlier checkpoints stay
+        path = getattr(err, "filename", None) or tmp
+        raise CheckpointError(f"{path}: {reason} while writing checkpoint {final.name}; the earlier "
+                              f"checkpoints in {root} are kept") from None
     accelerator.wait_for_everyone()
     return final
+
+
+#: errno values that mean the storage refused a write (full, over quota, read-only, no permission).
+STORAGE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM}
+
+
+def storage_failure(err: BaseException) -> str | None:
+    """A one-phrase reason when ``err`` is the storage refusing a write, else None (a bug: re-raised).
+    Writers that are not Python's own (safetensors' Rust, torch's zip writer) only say it in words."""
+    if isinstance(err, OSError) and err.errno in STORAGE_ERRNOS:
+        return err.strerror or os.strerror(err.errno)
+    text = str(err)
+    if "No space left" in text or "StorageFull" in text or "os error 28" in text:
+        return os.strerror(errno.ENOSPC)
+    return None
+
+
+def _torch_save(data: Any, path: str) -> None:
+    """torch.save through an in-memory buffer: a full disk is then Python's OSError(ENOSPC) naming the
+    file, not the zip writer's opaque "file write failed"."""
+    buffer = io.BytesIO()
+    torch.save(data, buffer)
+    with open(path, "wb") as handle:
+        handle.write(buffer.getbuffer())
 
 
 def _fsync_dir(path: Path) -> None:
@@ -165,7 +200,7 @@ def load_checkpoint(accelerator, model, task: nn.Module, optimizer, scheduler, f
     folder = Path(folder)
     if not (folder / "state.json").is_file():
         raise CheckpointError(f"{folder}: not a complete checkpoint (no state.json)")
-    state = TrainState(**json.loads((folder / "state.json").read_text()))
+    state = TrainState(**read_part(folder / "state.json", _read_json))
     if state.world_size != accelerator.num_processes:
         raise CheckpointError(f"{folder}: saved with {state.world_size} processes, this run has "
                               f"{accelerator.num_processes}; the data position and RNG states would not carry over")
@@ -180,12 +215,32 @@ def load_checkpoint(accelerator, model, task: nn.Module, optimizer, scheduler, f
             load_trainable(task, folder)
         _load_fsdp_optimizer(model, optimizer, folder / "optimizer.pt")
     else:
+        # Read every file before changing anything, so an unreadable one leaves the run as it was.
+        optimizer_state = read_part(folder / "optimizer.pt",
+                                    lambda p: torch.load(p, map_location="cpu", weights_only=True))
+        scheduler_state = read_part(folder / "scheduler.json", _read_json)
         load_trainable(task, folder)
-        optimizer.load_state_dict(torch.load(folder / "optimizer.pt", map_location="cpu", weights_only=True))
-    scheduler.load_state_dict(json.loads((folder / "scheduler.json").read_text()))
-    rng_file = folder / f"rng-rank{accelerator.process_index}.json"
-    _set_rng_state(json.loads(rng_file.read_text()))
+        optimizer.load_state_dict(optimizer_state)
+        scheduler.load_state_dict(scheduler_state)
+    if is_deepspeed(accelerator) or is_fsdp(accelerator):
+        scheduler.load_state_dict(read_part(folder / "scheduler.json", _read_json))
+    _set_rng_state(read_part(folder / f"rng-rank{accelerator.process_index}.json", _read_json))
     return state
+
+
+def _read_json(path: Path) -> Any:
+    return json.loads(path.read_text())
+
+
+def read_part(path: Path, read: Any) -> Any:
+    """``read(path)``; any failure (missing, truncated, corrupt) becomes a ``CheckpointError`` naming the file."""
+    try:
+        return read(path)
+    except MMTuneError:
+        raise
+    except Exception as err:  # noqa: BLE001  (zip, pickle, JSON, safetensors and OS errors alike)
+        detail = " ".join(str(err).split()) or type(err).__name__
+        raise CheckpointError(f"{path}: unreadable ({type(err).__name__}: {detail[:200]})") from None
 
 
 def _save_fsdp_optimizer(accelerator, model, optimizer, path: Path) -> None:
@@ -236,7 +291,7 @@ def load_trainable(task: nn.Module, folder: str | Path) -> None:
         mm.load_adapters(task, folder / "adapters.safetensors")
     extras = extra_trainable(task)
     if extras:
-        saved = load_file(str(folder / "trainable.safetensors"))
+        saved = read_part(folder / "trainable.safetensors", lambda p: load_file(str(p)))
         missing = sorted(set(extras) - set(saved))
         if missing:
             raise CheckpointError(f"{folder}/trainable.safetensors: missing {missing}")

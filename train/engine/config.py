@@ -9,6 +9,7 @@ Torch is not imported here, so validating a config is cheap.
 from __future__ import annotations
 
 import dataclasses
+import math
 import re
 import types
 import typing
@@ -54,8 +55,11 @@ class TrainConfig:
     resume: str = field(default="none", metadata={"help": "'none', 'auto' (newest complete checkpoint "
                                                           "in out_dir) or a checkpoint folder."})
     nonfinite: Literal["stop", "skip"] = field(
-        default="stop", metadata={"help": "On a NaN/inf loss: save the last good checkpoint and stop, or "
-                                          "skip that optimizer step (its gradients are dropped)."})
+        default="stop", metadata={"help": "On a NaN/inf loss: stop (the checkpoints from before it are kept), "
+                                          "or skip that optimizer step (its gradients are dropped)."})
+    max_nonfinite_skips: int = field(
+        default=3, metadata={"help": "With nonfinite=skip: stop after this many consecutive skipped steps "
+                                     "(a diverged run skips every step)."})
     deepspeed: str | None = field(
         default=None, metadata={"help": "A DeepSpeed JSON (configs/deepspeed/*.json); null: DDP or single "
                                         "process, unless `accelerate launch` was given a DeepSpeed config."})
@@ -151,8 +155,10 @@ def _convert(value: Any, annotation: Any, key: str, source: str) -> Any:
             return dict(value)
     elif annotation is float:
         if isinstance(value, str) and re.fullmatch(r"[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+", value.strip()):
-            return float(value)  # YAML 1.1 reads 1e-3 as a string
+            value = float(value)  # YAML 1.1 reads 1e-3 as a string (and 1e999 would be inf)
         if isinstance(value, int | float) and not isinstance(value, bool):
+            if not math.isfinite(value):
+                raise ConfigError(f"{source}: key {key!r} must be a finite number, got {value}")
             return float(value)
     elif annotation is int:
         if isinstance(value, int) and not isinstance(value, bool):
@@ -234,9 +240,23 @@ def load_recipe(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -
     return recipe_from_dict(raw, name=name, source=source)
 
 
+def check_finite(raw: Any, source: str, key: str = "") -> None:
+    """NaN or infinity anywhere in a recipe (YAML's .nan, .inf) is an error naming the dotted key: no
+    setting of ours means anything at NaN, and ``lr <= 0`` style range checks let NaN through."""
+    if isinstance(raw, float) and not math.isfinite(raw):
+        raise ConfigError(f"{source}: key {key!r} must be a finite number, got {raw}")
+    if isinstance(raw, dict):
+        for name, value in raw.items():
+            check_finite(value, source, f"{key}.{name}" if key else str(name))
+    elif isinstance(raw, list):
+        for index, value in enumerate(raw):
+            check_finite(value, source, f"{key}[{index}]")
+
+
 def recipe_from_dict(raw: dict[str, Any], *, name: str, source: str) -> Recipe:
     from train.engine.task import get_task  # late: tasks import torch
 
+    check_finite(raw, source)
     raw = dict(raw)
     task_name = raw.pop("task", None)
     if not isinstance(task_name, str):
@@ -274,7 +294,7 @@ def check_recipe(recipe: Recipe) -> None:
     t, source = recipe.train, recipe.source
     positive = {"train.max_steps": t.max_steps, "train.batch_size": t.batch_size,
                 "train.grad_accum": t.grad_accum, "train.log_every": t.log_every,
-                "train.keep_last": t.keep_last}
+                "train.keep_last": t.keep_last, "train.max_nonfinite_skips": t.max_nonfinite_skips}
     for key, value in positive.items():
         if value < 1:
             raise ConfigError(f"{source}: key {key!r} must be >= 1, got {value}")

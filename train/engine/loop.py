@@ -3,7 +3,9 @@
 Per optimizer step: ``grad_accum`` micro-batches (forward, loss reduced over ranks, backward), then
 clipping, the optimizer and the schedule. Around it: evaluation every ``eval_every`` steps, metrics to
 CSV/TensorBoard, a progress bar, checkpoints every ``save_every`` steps, resume from the newest complete
-checkpoint, and a stop (after saving the last good state) when a loss is NaN or infinite.
+checkpoint, and a stop when a loss is NaN or infinite (train/engine/nonfinite.py). Before the first step:
+a lock on the run folder (train/engine/lock.py), writable folders and disk room (preflight.py), and a
+resumed recipe checked against its checkpoint's (run_folder.py, resume.py).
 
 Data order is a pure function of (seed, micro-batch index): epoch ``e`` is ``randperm(N, seed + e)`` and
 rank ``r`` takes its slice of each global batch. So the data position is one integer, and a resumed run
@@ -24,11 +26,9 @@ import numpy as np
 import torch
 
 from mm.config import ConfigError
-from mm.errors import MMTuneError
 from train.engine.checkpoint import (
     TrainState,
     latest_checkpoint,
-    load_checkpoint,
     save_checkpoint,
     save_trainable,
 )
@@ -41,13 +41,14 @@ from train.engine.distributed import (
     rank_disagreement,
     setup_name,
 )
-from train.engine.run_log import RunLog
+from train.engine.lock import RunLock, is_main_rank
+from train.engine.nonfinite import NonFiniteGuard, NonFiniteLossError  # noqa: F401  (re-exported)
+from train.engine.preflight import check_disk, check_files, check_writable, checkpoint_bytes
+from train.engine.resume import resume_candidates, resume_run
+from train.engine.run_folder import check_resume_recipe, describe_diff
+from train.engine.run_log import RunLog, dumps
 from train.engine.task import get_task
 from train.rules.base import build_rules
-
-
-class NonFiniteLossError(MMTuneError, RuntimeError):
-    """The loss became NaN or infinite; the message names the step and the checkpoint saved before it."""
 
 
 @dataclass
@@ -138,7 +139,15 @@ def eval_batches(dataset: Sequence, collate, batch_size: int, device, float_dtyp
 
 def train(recipe: Recipe, say=print) -> RunResult:
     """Train ``recipe``; returns the losses, final metrics and the last checkpoint (see module doc)."""
-    return Trainer(recipe, say).run()
+    main = is_main_rank()
+    if main:  # fail now, not at the first save after the work it was meant to keep
+        check_writable(recipe.out_dir, "run folder")
+        check_writable(recipe.out_dir / "checkpoints", "checkpoint folder")
+    required = getattr(get_task(recipe.task), "required_files", None)
+    if required is not None:
+        check_files(required(recipe), recipe.source)
+    with RunLock(recipe.out_dir, enabled=main):
+        return Trainer(recipe, say).run()
 
 
 class Trainer:
@@ -154,11 +163,16 @@ class Trainer:
         if is_deepspeed(accelerator) and t.nonfinite == "skip":
             raise ConfigError(f"{recipe.source}: train.nonfinite=skip is not available under DeepSpeed (the "
                               "engine steps inside backward); use train.nonfinite=stop")
+        self.ckpt_root = recipe.out_dir / "checkpoints"
+        candidates = resume_candidates(recipe, self.ckpt_root)
+        changes = check_resume_recipe(recipe, candidates[0]) if candidates else {}  # before any data is built
         seed_everything(recipe.seed)  # the same base weights and adapter inits on every rank
         task = get_task(recipe.task)(recipe)
         trainable = [p for p in task.parameters() if p.requires_grad]
         if not trainable:
             raise ConfigError(f"{recipe.source}: nothing to train: no adapters and no trainable head")
+        if accelerator.is_main_process:
+            check_disk(self.ckpt_root, checkpoint_bytes(trainable, recipe.optim.name))
         self.rules = build_rules(recipe)  # train.rules and optim.loraplus_ratio (train/rules/)
         groups = self.rules.param_groups(task, trainable, recipe.optim)
         optimizer = self.rules.make_optimizer(groups, recipe.optim, build_optimizer)
@@ -167,17 +181,22 @@ class Trainer:
         self.model, self.optimizer = accelerator.prepare(task, optimizer)
         self.task = accelerator.unwrap_model(self.model)
         after_prepare(accelerator, self.task)
-        self.ckpt_root = recipe.out_dir / "checkpoints"
         self.state = TrainState(world_size=accelerator.num_processes)
-        resumed_from = resume_path(recipe, self.ckpt_root)
-        if resumed_from is not None:
-            self.state = load_checkpoint(accelerator, self.model, self.task, self.optimizer, self.scheduler,
-                                         resumed_from)
-            self.say(f"resumed from {resumed_from} (step {self.state.step}, micro-batch {self.state.micro_batches})")
+        resumed = resume_run(accelerator, self.model, self.task, self.optimizer, self.scheduler, recipe,
+                             candidates, self.say)
+        resumed_from = resumed.checkpoint if resumed else None
+        if resumed:
+            self.state = resumed.state
+            self.say(f"resumed from {resumed_from} (step {self.state.step}, micro-batch {self.state.micro_batches})"
+                     + (f"; changed from step {self.state.step} on: {describe_diff(changes)}" if changes else ""))
         self.rules.on_train_start(self.task, self.optimizer, accelerator, self.state.step)
         if accelerator.is_main_process:
             save_resolved(recipe, recipe.out_dir / "config.yaml")
         self.log = RunLog(recipe.out_dir, accelerator.is_main_process, resume_step=self.state.step, say=self.say)
+        if resumed:
+            self.log.event(self.state.step, "resume", checkpoint=str(resumed_from), unreadable=resumed.skipped,
+                           changed={key: list(values) for key, values in changes.items()})
+        self.nonfinite = NonFiniteGuard(recipe, self.ckpt_root, self.log)
         self.result = RunResult(out_dir=recipe.out_dir, step=self.state.step, resumed_from=resumed_from)
         self.eval_data = self.task.eval_dataset()
         self.stream = batch_stream(self.task.train_dataset(), self.task.collate, t.batch_size,
@@ -196,7 +215,7 @@ class Trainer:
                    disable=not (self.accelerator.is_main_process and t.progress))
         self.task.train()
         while state.step < t.max_steps:
-            started, lr = time.perf_counter(), self.scheduler.get_last_lr()[0]
+            started, lr, skipped = time.perf_counter(), self.scheduler.get_last_lr()[0], state.skipped_steps
             loss, grad_norm, task_logs = self.optimizer_step()
             state.step += 1
             self.rules.on_step_end(state.step, task_logs)
@@ -209,9 +228,10 @@ class Trainer:
                 self.log.log(state.step, "train", metrics | ({} if grad_norm is None else {"grad_norm": grad_norm}))
             bar.update(1)
             bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", samples_s=f"{throughput:.0f}")
+            self.nonfinite.after_step(state.step, state.skipped_steps > skipped)
             if t.eval_every and state.step % t.eval_every == 0 and state.step != t.max_steps:
                 result.eval_metrics = self.evaluate()
-            if (t.save_every and state.step % t.save_every == 0) or state.step == t.max_steps:
+            if (t.save_every and state.step % t.save_every == 0 and self.nonfinite.saving) or state.step == t.max_steps:
                 result.checkpoint = self.save()
         bar.close()
         return self.finish()
@@ -220,7 +240,7 @@ class Trainer:
         """``grad_accum`` micro-batches, then one update. Returns the mean loss (over micro-batches and
         ranks), the gradient norm, and the mean of the task's own logs (this rank's micro-batches)."""
         accelerator, t, state = self.accelerator, self.t, self.state
-        window_start, losses, dropped, grad_norm, logs = state.micro_batches, [], False, None, []
+        losses, dropped, grad_norm, logs = [], False, None, []
         self.rules.on_step_start(state.step)
         for _ in range(t.grad_accum):
             index, batch = next(self.stream)
@@ -230,12 +250,7 @@ class Trainer:
                 value = float(accelerator.reduce(loss.detach().float(), "mean"))  # the same on every rank
                 if not math.isfinite(value):
                     if t.nonfinite == "stop":
-                        state.micro_batches = window_start  # the last good state: before this step
-                        path = self.save()
-                        raise NonFiniteLossError(
-                            f"{self.recipe.source}: loss is {value} at step {state.step + 1} (micro-batch "
-                            f"{index}); saved the last good checkpoint {path} (step {state.step}). Resume "
-                            "with train.resume=auto once fixed, or set train.nonfinite=skip to drop such steps")
+                        raise self.nonfinite.stop(value, state.step + 1, index)
                     dropped = True
                 self.rules.before_backward(loss)
                 accelerator.backward(loss)
@@ -300,8 +315,6 @@ class Trainer:
 
 def write_summary(result: RunResult, accelerator, disagreement: float) -> Path:
     """summary.json: how the run went, in one small file (scripts and tests read it)."""
-    import json
-
     from mm.state import atomic_write
 
     summary = {
@@ -313,7 +326,7 @@ def write_summary(result: RunResult, accelerator, disagreement: float) -> Path:
         "resumed_from": str(result.resumed_from) if result.resumed_from else None,
     }
     path = result.out_dir / "summary.json"
-    return atomic_write(path, lambda tmp: Path(tmp).write_text(json.dumps(summary, indent=2, default=float)))
+    return atomic_write(path, lambda tmp: Path(tmp).write_text(dumps(summary, indent=2, default=float)))
 
 
 def clip(accelerator, model, clip_norm: float | None) -> float | None:
@@ -325,20 +338,3 @@ def clip(accelerator, model, clip_norm: float | None) -> float | None:
         return None
     params = [p for p in model.parameters() if p.grad is not None]
     return float(accelerator.clip_grad_norm_(params, clip_norm))
-
-
-def resume_path(recipe: Recipe, ckpt_root: Path) -> Path | None:
-    """The checkpoint ``train.resume`` asks for: 'none', 'auto' (newest complete, if any) or a folder."""
-    resume = recipe.train.resume
-    if resume == "none":
-        earlier = latest_checkpoint(ckpt_root)
-        if earlier is not None:  # a fresh run would interleave its checkpoints with the old ones
-            raise ConfigError(f"{recipe.source}: {recipe.out_dir} holds checkpoints of an earlier run (newest "
-                              f"{earlier.name}); continue it with train.resume=auto, or pick another train.out_dir")
-        return None
-    if resume == "auto":
-        return latest_checkpoint(ckpt_root)
-    path = Path(resume)
-    if not (path / "state.json").is_file():
-        raise ConfigError(f"{recipe.source}: key 'train.resume': {path} is not a complete checkpoint folder")
-    return path
