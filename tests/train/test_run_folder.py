@@ -152,3 +152,21 @@ def test_eval_rebuilds_the_run_from_its_config_not_the_recipe(tmp_path, capsys):
     assert f"accuracy={trained.eval_metrics['accuracy']:.4f}" not in out
     summary = json.loads((run / "summary.json").read_text())
     assert summary["eval"]["accuracy"] == pytest.approx(trained.eval_metrics["accuracy"])
+
+
+@pytest.mark.parametrize("recipe_file, override, key", [
+    ("avsr/audio_only.yaml", "synthetic.seed=5", "synthetic.seed"),
+    ("eo/s2_only.yaml", "data.fake_chips=7", "data.fake_chips"),
+])
+def test_eval_never_regenerates_a_runs_data_in_place(tmp_path, recipe_file, override, key):
+    from train.engine.config import load_recipe, save_resolved
+    from train.engine.run_folder import load_run_recipe
+
+    run = tmp_path / "run"
+    save_resolved(load_recipe(ROOT / "configs" / recipe_file), run / "config.yaml")
+    said = []
+    assert load_run_recipe(run, [], "eval", warn=said.append).train.out_dir == str(run) and not said
+    with pytest.raises(ConfigError, match=rf"key '{key}': the run's data was generated with .*does not "
+                                          "regenerate a run's data in place"):
+        load_run_recipe(run, [override], "eval", warn=said.append)
+    assert sorted(p.name for p in run.iterdir()) == ["config.yaml"], "nothing generated"

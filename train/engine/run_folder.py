@@ -3,8 +3,8 @@ trained, and everything that continues or uses a run starts from it.
 
 - ``mmtune eval`` / ``mmtune generate`` rebuild the model and data from the run's config; a ``key=value``
   override that differs from it is applied and said on stderr, never silently; a recipe file given
-  beside the run that differs from it is reported, not used. Keys that generate data (``synthetic.*``,
-  ``data.fake_*``) cannot be overridden there: the run's generated data is never regenerated in place.
+  beside the run that differs from it is reported, not used. Keys of generated data (``synthetic.*``,
+  ``data.synthetic``, ``data.fake_*``) cannot be overridden there: a run's data is never regenerated in place.
 - Resuming compares the new recipe with the checkpoint's: keys a run cannot change midway (the model,
   adapters, data, task, seed, batch geometry) are refused with the list of differences; the keys in
   ``MUTABLE_ON_RESUME`` (learning rate and schedule, step count, evaluation and logging) are applied from
@@ -29,8 +29,13 @@ MUTABLE_ON_RESUME = frozenset({
 })
 #: Keys that say where a run lives or how it was started, not what it trains: never compared.
 LOCATION_KEYS = frozenset({"train.out_dir", "train.resume"})
-#: Key prefixes whose change would make a task regenerate the run's generated data in place.
-GENERATED_DATA = ("synthetic.", "data.fake_")
+
+
+def generates_data(key: str) -> bool:
+    """Whether a dotted key belongs to the settings of generated data (AVSR's ``synthetic`` section, the
+    ``synthetic`` / ``fake_*`` keys of EO and MLLM data): changing one would regenerate a run's data in place."""
+    parts = key.split(".")
+    return parts[0] == "synthetic" or any(part == "synthetic" or part.startswith("fake_") for part in parts[1:])
 
 
 def flatten(data: Any, prefix: str = "") -> dict[str, Any]:
@@ -95,7 +100,7 @@ def load_run_recipe(run_dir: str | Path, overrides: list[str], command: str, rec
     source = str(config) + (f" (with overrides {' '.join(overrides)})" if overrides else "")
     recipe = recipe_from_dict(apply_overrides(raw, list(overrides), source), name=run_dir.name, source=source)
     changed = recipe_diff(saved, recipe)
-    regenerating = [key for key in changed if key.startswith(GENERATED_DATA)]
+    regenerating = [key for key in changed if generates_data(key)]
     if regenerating:
         raise ConfigError(f"{source}: key {regenerating[0]!r}: the run's data was generated with "
                           f"{changed[regenerating[0]][0]!r}; mmtune {command} does not regenerate a run's data in "
