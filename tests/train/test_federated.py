@@ -1,4 +1,5 @@
-"""FFA-LoRA federated averaging (averaging B is exact) and DP-SGD on clients (clipping, noise, no-op case)."""
+"""FFA-LoRA federated averaging (averaging B is exact), DP-SGD on clients (clipping, noise, no-op case), and
+``mmtune federate`` running both from a recipe."""
 
 from __future__ import annotations
 
@@ -168,3 +169,87 @@ def test_bad_settings_are_refused():
         federated_average(TinyMLP().requires_grad_(False), _clients(), _loss, rounds=1, local_steps=1, lr=0.1)
     with pytest.raises(ValueError, match="positive weights"):
         average_states([], [])
+
+
+# ---------------------------------------------------------------------------- mmtune federate (recipes)
+
+FFA_RECIPE = "configs/federated/digits_ffa.yaml"
+
+
+def _federate(capsys, out_dir, *overrides: str) -> int:
+    from train.cli import main
+
+    code = main(["federate", "--config", FFA_RECIPE, f"train.out_dir={out_dir}", *overrides])
+    capsys.readouterr()
+    return code
+
+
+def test_federate_command_trains_b_keeps_a_at_init_and_learns(tmp_path, capsys):
+    import json
+
+    from safetensors.torch import load_file
+
+    from train.engine.run_log import read_metrics
+    from train.engine.task import get_task
+    from train.rules.federated_run import load_federated_recipe
+
+    assert _federate(capsys, tmp_path) == 0
+    saved = load_file(str(tmp_path / "adapters.safetensors"))
+    recipe, _ = load_federated_recipe(FFA_RECIPE)
+    fresh = dict(get_task(recipe.task)(recipe).named_parameters())  # the seeded init every client started from
+    for key, tensor in saved.items():
+        layer, factor = key.split("/", 1)[1].rsplit(".", 1)  # default/encoder.fc1.lora_A
+        param = fresh[f"{layer}.adapters.default.{factor}"]
+        if key.endswith("lora_A"):
+            assert torch.equal(tensor, param), f"{key}: FFA-LoRA's A must stay at its init"
+        else:
+            assert not torch.equal(tensor, param) and tensor.abs().sum() > 0, f"{key}: B did not train"
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert len(summary["client_losses"]) == 5 and all(len(r) == 4 for r in summary["client_losses"])
+    rounds = {r["step"]: r["value"] for r in read_metrics(tmp_path / "metrics.csv") if r["metric"] == "loss"
+              and r["split"] == "train"}
+    assert rounds[5] < rounds[1] - 0.05, rounds
+    assert summary["eval"]["accuracy"] > 0.25  # ten classes: chance is 0.1
+    assert (tmp_path / "trainable.safetensors").is_file()  # the digits head trains and is averaged too
+    from train.cli import main  # the run folder is an ordinary one: mmtune eval rebuilds and scores it
+
+    assert main(["eval", "--run", str(tmp_path)]) == 0
+    assert f"accuracy={summary['eval']['accuracy']:.4f}" in capsys.readouterr().out
+
+
+def test_federate_check_prints_the_resolved_recipe_with_its_section(capsys):
+    import yaml
+
+    from train.cli import main
+
+    assert main(["federate", "--config", FFA_RECIPE, "--check", "federated.rounds=2"]) == 0
+    resolved = yaml.safe_load(capsys.readouterr().out)
+    assert resolved["federated"]["rounds"] == 2 and resolved["adapters"]["default"]["freeze_a"] is True
+
+
+def test_federate_with_dp_is_seeded_and_differs_from_plain(tmp_path, capsys):
+    from safetensors.torch import load_file
+
+    small = ["federated.rounds=1", "federated.local_steps=2", "federated.clients=2"]
+    dp = ["federated.dp_clip_norm=0.5", "federated.noise_multiplier=0.8"]
+    for name, extra in {"dp1": dp, "dp2": dp, "plain": []}.items():
+        assert _federate(capsys, tmp_path / name, *small, *extra) == 0
+    first, second, plain = (load_file(str(tmp_path / n / "adapters.safetensors")) for n in ("dp1", "dp2", "plain"))
+    assert all(torch.equal(first[k], second[k]) for k in first)
+    assert any(not torch.allclose(first[k], plain[k]) for k in first if k.endswith("lora_B"))
+
+
+@pytest.mark.parametrize("override, culprit", [
+    ("adapters.default.freeze_a=false", "'adapters.default.freeze_a': FFA-LoRA averages exactly only with A frozen"),
+    ("federated.clients=0", "'federated.clients' must be >= 1, got 0"),
+    ("federated.rouns=3", "unknown key(s) 'federated.rouns'; known keys in 'federated': clients, rounds"),
+    ("optim.name=adamw", "'optim.name': clients train with plain SGD"),
+    ("federated.noise_multiplier=1.0", "'federated.noise_multiplier' needs federated.dp_clip_norm"),
+    ("federated.clients=100", "fewer than train.batch_size=32"),
+])
+def test_federate_refuses_bad_recipes_in_one_line(tmp_path, capsys, override, culprit):
+    from train.cli import main
+
+    assert main(["federate", "--config", FFA_RECIPE, f"train.out_dir={tmp_path}", override]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("mmtune federate: ") and culprit in err[0], err
