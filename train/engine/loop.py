@@ -208,11 +208,11 @@ class Trainer:
         self.step_times: list[float] = []
 
     def run(self) -> RunResult:
-        from tqdm.auto import tqdm
+        from train.engine.progress import progress_bar
 
         t, state, result = self.t, self.state, self.result
-        bar = tqdm(total=t.max_steps, initial=state.step, desc=self.recipe.name,
-                   disable=not (self.accelerator.is_main_process and t.progress))
+        bar = progress_bar(t.max_steps, self.recipe.name, self.accelerator.is_main_process and t.progress,
+                           initial=state.step)  # tqdm on a terminal, a few plain lines in a log file
         self.task.train()
         while state.step < t.max_steps:
             started, lr, skipped = time.perf_counter(), self.scheduler.get_last_lr()[0], state.skipped_steps
