@@ -79,5 +79,5 @@ def make_fake_scenes(root: str | Path, n_scenes: int = 2, size: int = 96, seed: 
 if __name__ == "__main__":  # python -m data.fake_scenes runs/fake_scenes
     import sys
 
-    written = make_fake_scenes(sys.argv[1] if len(sys.argv) > 1 else "runs/fake_scenes")
+    written = make_fake_scenes(sys.argv[1] if len(sys.argv) > 1 else "runs/fake_scenes", size=160)
     print("\n".join(str(p) for paths in written.values() for p in paths))

@@ -170,7 +170,7 @@ class GeoTIFFChips:
                     else:
                         self.chips.append((len(self.readers) - 1, window))
         for reason, count in self.dropped.items():
-            log.info("geotiff chips: dropped %d (%s)", count, reason)
+            log.warning("geotiff chips: dropped %d of %d (%s)", count, count + len(self.chips), reason)
         if not self.chips:
             raise M3LEOError(paths[first_name][0], f"every chip was dropped: {dict(self.dropped)} (chip_size "
                              f"{size}, max_nodata {config.max_nodata})")

@@ -23,6 +23,7 @@ from __future__ import annotations
 import csv
 import hashlib
 import json
+import logging
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -188,6 +189,9 @@ class M3LEODataset:
         self.skipped: dict[str, str] = {}
         self.band_names: dict[str, list[str]] = {}
         self.ids = self._usable(read_split(config.split_file, split))
+        if self.skipped:
+            logging.getLogger(__name__).warning("m3leo %s: skipped %d chip(s): %s", split, len(self.skipped),
+                                                _preview(self.skipped))
         if not self.ids:
             raise M3LEOError(config.split_file, f"every chip of split {split!r} was skipped: "
                              f"{_preview(self.skipped)}")
