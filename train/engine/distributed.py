@@ -78,8 +78,6 @@ def make_accelerator(recipe: Recipe):
 
     t = recipe.train
     kwargs: dict[str, Any] = {}
-    if launched_distributed():
-        stop_with_launcher()
     if launched_distributed() and not torch.cuda.is_available():
         # Without this accelerate picks no backend for DeepSpeed on the CPU (shared ENVIRONMENT.md).
         kwargs["kwargs_handlers"] = [InitProcessGroupKwargs(backend="gloo")]
@@ -108,6 +106,8 @@ def make_accelerator(recipe: Recipe):
 
         AcceleratorState._reset_state(reset_partial_state=True)
         GradientState._reset_state()
+    if launched_distributed():
+        stop_with_launcher()
     accelerator = Accelerator(**kwargs)
     if fsdp_plugin is not None:
         _enable_fsdp_on_cpu(accelerator, fsdp_plugin)
@@ -149,7 +149,12 @@ def _enable_fsdp_on_cpu(accelerator, plugin) -> None:
     if torch.cuda.is_available():
         raise ConfigError(f"accelerate did not enable FSDP (distributed type {accelerator.distributed_type}); "
                           "launch with scripts/launch_accelerate.sh <recipe> <processes> fsdp2")
-    plugin.set_mixed_precision(accelerator.mixed_precision)
+    if accelerator.mixed_precision != "no":  # what accelerate does when it selects FSDP itself
+        plugin.set_mixed_precision(accelerator.mixed_precision)
+    from accelerate.state import PartialState
+
+    # Both shared states: every new AcceleratorState() copies PartialState's fields over its own.
+    PartialState._shared_state["distributed_type"] = DistributedType.FSDP
     accelerator.state.distributed_type = DistributedType.FSDP
     accelerator.state.fsdp_plugin = plugin
 
@@ -176,8 +181,15 @@ def before_prepare(accelerator, task: nn.Module) -> None:
         return
     plugin = accelerator.state.fsdp_plugin
     if plugin.transformer_cls_names_to_wrap is None:
-        names = {name for module in task.modules() for name in (getattr(module, "_no_split_modules", None) or [])}
-        plugin.transformer_cls_names_to_wrap = sorted(names) or None
+        plugin.transformer_cls_names_to_wrap = fsdp_unit_classes(task) or None
+
+
+def fsdp_unit_classes(task: nn.Module) -> list[str]:
+    """Class names of the blocks to shard one by one: what the Hugging Face models inside ``task`` list
+    in ``_no_split_modules`` (their transformer layers)."""
+    names = {name for module in task.modules() for name in (getattr(module, "_no_split_modules", None) or [])}
+    present = {type(module).__name__ for module in task.modules()}
+    return sorted(names & present)
 
 
 def after_prepare(accelerator, task: nn.Module) -> None:
@@ -252,17 +264,25 @@ def _full_tensors_swapped_in(owner: nn.Module, params: list[nn.Parameter]) -> It
     """Replace each sharded (DTensor) parameter of ``params`` in its module by its gathered full tensor,
     and put the shard back afterwards. Only ``params`` are gathered (the adapters, not the frozen base),
     unlike ``FSDPModule.unshard``, which would gather every weight of the model at once."""
+    from torch.distributed.fsdp import FSDPModule
     from torch.distributed.tensor import DTensor
 
     wanted = {id(p) for p in params}
+    slots = [(module, name) for module in owner.modules() for name, param in module._parameters.items()
+             if param is not None and id(param) in wanted]
+    for module in owner.modules():
+        if isinstance(module, FSDPModule):
+            # A unit left gathered (the root after a forward) would re-shard itself in state_dict()'s
+            # pre-hook and put the DTensors back; re-shard first so that hook finds nothing to do.
+            module.reshard()
     swapped = []
     try:
-        for module in owner.modules():
-            for name, param in list(module._parameters.items()):
-                if param is not None and id(param) in wanted and isinstance(param, DTensor):
-                    full = nn.Parameter(param.detach().full_tensor(), requires_grad=param.requires_grad)
-                    module._parameters[name] = full  # bypasses __setattr__: FSDP's hooks stay as they are
-                    swapped.append((module, name, param))
+        for module, name in slots:  # the same slots now hold the shards (new objects)
+            param = module._parameters[name]
+            if isinstance(param, DTensor):
+                full = nn.Parameter(param.detach().full_tensor(), requires_grad=param.requires_grad)
+                module._parameters[name] = full  # bypasses __setattr__: FSDP's hooks stay as they are
+                swapped.append((module, name, param))
         yield
     finally:
         for module, name, param in swapped:
