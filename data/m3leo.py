@@ -204,9 +204,9 @@ class M3LEODataset:
     def path(self, product: str, identifier: str) -> Path:
         return chip_path(self.config.split_file, product, identifier, self.config.year, self.config.gunw_period)
 
-    def read(self, product: str, identifier: str) -> Raster:
+    def read(self, product: str, identifier: str, header_only: bool = False) -> Raster:
         patterns = self.config.modalities.get(product) if product in self.config.modalities else None
-        return read_product(self.path(product, identifier), PRODUCTS[product], patterns, self.gunw)
+        return read_product(self.path(product, identifier), PRODUCTS[product], patterns, self.gunw, header_only)
 
     def _usable(self, ids: list[str]) -> list[str]:
         keep = []
@@ -222,11 +222,12 @@ class M3LEODataset:
         return keep
 
     def _check_chip(self, identifier: str) -> None:
-        """Every product reads, the inputs keep their band names, and their bounds overlap (in one CRS)."""
+        """Every product's file opens with the variables, bands and date pairs asked for, the inputs keep their
+        band names, and the bounds overlap (in one CRS). Headers only: no pixel is read here."""
         first: tuple[Path, Raster] | None = None
         for product in [*self.config.modalities, *self.label_products]:
             path = self.path(product, identifier)
-            raster = self.read(product, identifier)
+            raster = self.read(product, identifier, header_only=True)
             if product in self.config.modalities:
                 known = self.band_names.setdefault(product, raster.bands)
                 if raster.bands != known:

@@ -52,49 +52,59 @@ def match_bands(available: list[str] | tuple[str, ...], patterns: list[str] | No
 
 
 def read_product(path: Path, product: Product, patterns: list[str] | None,
-                 gunw: GunwSelection | None = None) -> Raster:
-    """The bands ``patterns`` select (all when None) of ``product`` in physical units."""
+                 gunw: GunwSelection | None = None, header_only: bool = False) -> Raster:
+    """The bands ``patterns`` select (all when None) of ``product`` in physical units. ``header_only``
+    checks the file (bands, variables, date pairs, georeference) without reading pixels: the Raster then
+    has zero channels but the right grid, band names, CRS and bounds."""
     if product.fmt == "tif":
-        return _read_tif(path, product, patterns)
+        return _read_tif(path, product, patterns, header_only)
     if product.name == "gunw":
-        return _read_gunw(path, product, patterns, gunw or GunwSelection())
-    return _read_nc(path, product, patterns)
+        return _read_gunw(path, product, patterns, gunw or GunwSelection(), header_only)
+    return _read_nc(path, product, patterns, header_only)
 
 
-def _read_tif(path: Path, product: Product, patterns: list[str] | None) -> Raster:
+def _header(names: list[str], crs: str | None, transform: tuple[float, ...], height: int, width: int) -> Raster:
+    return Raster(np.zeros((0, height, width), np.float32), np.zeros((0, height, width), bool), names, crs, transform)
+
+
+def _read_tif(path: Path, product: Product, patterns: list[str] | None, header_only: bool) -> Raster:
     with open_geotiff(path, product.name) as src:
         names = geotiff_band_names(src, product.bands)
         if names[0] == "band1" and src.count != len(product.bands):
             raise M3LEOError(path, f"{product.name} chip has {src.count} bands, expected {len(product.bands)} "
                              f"({', '.join(product.bands[:4])}{', ...' if len(product.bands) > 4 else ''})")
-        dtype = src.dtypes[0]
+        dtype, crs, transform = src.dtypes[0], src.crs.to_string() if src.crs else None, tuple(src.transform)[:6]
+        height, width = src.height, src.width
     if product.role == "label" and product.name == "esaworldcover" and np.dtype(dtype).kind not in "iu":
         raise M3LEOError(path, f"{product.name} has dtype {dtype}, expected integer class codes ({product.dtype})")
     index = match_bands(names, patterns, str(path))
+    if header_only:
+        return _header([names[i] for i in index], crs, transform, height, width)
     return read_geotiff(path, index, [names[i] for i in index], what=product.name, nodata=product.nodata,
                         scale=product.scale)
 
 
-def _flatten(var: Any) -> tuple[np.ndarray, list[str]]:
-    """(values (C, y, x), names ``{variable}_{coord}_{coord}``) of a variable with leading dimensions."""
+def _flat_names(var: Any) -> list[str]:
+    """Band names ``{variable}_{coord}_{coord}`` of a variable's leading dimensions (coordinates only are read)."""
     lead = var.dims[:-2]
     labels = [[str(v) for v in var[d].values] if d in var.coords else [str(i) for i in range(var.sizes[d])]
               for d in lead]
-    names = ["_".join([str(var.name), *combo]) for combo in itertools.product(*labels)] if lead else [str(var.name)]
-    return np.asarray(var.values).reshape(-1, *var.shape[-2:]), names
+    return ["_".join([str(var.name), *combo]) for combo in itertools.product(*labels)] if lead else [str(var.name)]
 
 
-def _read_nc(path: Path, product: Product, patterns: list[str] | None) -> Raster:
+def _read_nc(path: Path, product: Product, patterns: list[str] | None, header_only: bool) -> Raster:
     wanted = [v for v in product.variables
               if patterns is None or any(fnmatch.fnmatchcase(b, p) for p in patterns
                                          for b in product.bands if b == v or b.startswith(f"{v}_"))]
     with open_netcdf(path, product.name, product.group) as ds:
         crs, transform = netcdf_georef(ds, path)
-        blocks = [_flatten(netcdf_variable(ds, v, path, product.name)) for v in wanted]
-    raw = np.concatenate([b for b, _ in blocks]) if blocks else np.zeros((0, 1, 1), np.float32)
-    names = [n for _, block_names in blocks for n in block_names]
-    index = match_bands(names, patterns, str(path))
-    raw = raw[index]
+        variables = [netcdf_variable(ds, v, path, product.name) for v in wanted]
+        names = [n for var in variables for n in _flat_names(var)]
+        index = match_bands(names, patterns, str(path))
+        height, width = ds.sizes["y"], ds.sizes["x"]
+        if header_only:
+            return _header([names[i] for i in index], crs, transform, height, width)
+        raw = np.concatenate([np.asarray(v.values).reshape(-1, height, width) for v in variables])[index]
     valid = valid_mask(raw, None)  # NetCDF: _FillValue is decoded to NaN by xarray
     return Raster(physical(raw, valid, product.scale), valid, [names[i] for i in index], crs, transform)
 
@@ -108,7 +118,8 @@ def pair_days(datepair: str, path: Path) -> int:
     return (end - start).days
 
 
-def _read_gunw(path: Path, product: Product, patterns: list[str] | None, select: GunwSelection) -> Raster:
+def _read_gunw(path: Path, product: Product, patterns: list[str] | None, select: GunwSelection,
+               header_only: bool) -> Raster:
     index = match_bands(list(product.variables), patterns, str(path))
     names = [product.variables[i] for i in index]
     with open_netcdf(path, product.name, product.group) as ds:
@@ -122,7 +133,10 @@ def _read_gunw(path: Path, product: Product, patterns: list[str] | None, select:
                              f"(pairs span {sorted(days.tolist())} days)")
         if select.rule != "mean":
             keep = keep[[int(np.argmin(days[keep]) if select.rule == "shortest" else np.argmax(days[keep]))]]
-        stacks = [np.asarray(netcdf_variable(ds, n, path, product.name).values, np.float64)[keep] for n in names]
+        variables = [netcdf_variable(ds, n, path, product.name) for n in names]
+        if header_only:
+            return _header(names, crs, transform, ds.sizes["y"], ds.sizes["x"])
+        stacks = [np.asarray(v.values, np.float64)[keep] for v in variables]
     raw = np.stack([_nanmean(s) for s in stacks])
     valid = valid_mask(raw, None)
     return Raster(physical(raw, valid), valid, names, crs, transform)
