@@ -52,14 +52,15 @@ def run(args: argparse.Namespace) -> int:
 def answer(recipe, folder, prompt: str, image_path: str | None, max_new_tokens: int | None = None) -> str:
     """The greedy answer of the recipe's model, with the trained tensors of ``folder``."""
     import torch
-    from PIL import Image
 
+    from data.images import read_image
     from data.instruct import IMAGE_TOKEN, encode_prompt
     from mm.config import ConfigError
     from train.engine.checkpoint import load_trainable
     from train.engine.loop import seed_everything
     from train.engine.task import get_task
 
+    picture = read_image(image_path) if image_path is not None else None  # a bad file fails before the build
     seed_everything(recipe.seed)  # random-init parts (if any) come out as in training
     task = get_task(recipe.task)(recipe)
     load_trainable(task, folder)
@@ -72,8 +73,7 @@ def answer(recipe, folder, prompt: str, image_path: str | None, max_new_tokens: 
             raise ConfigError(f"{recipe.source}: stage {recipe.model.stage!r} has no vision tower; drop --image")
         if IMAGE_TOKEN not in prompt:
             prompt = f"{IMAGE_TOKEN}\n{prompt}"
-        with Image.open(image_path) as image:
-            images = task.image_transform(image.convert("RGB"))[None]
+        images = task.image_transform(picture)[None]
     ids = torch.tensor([encode_prompt(task.tokenizer, recipe.data.template, prompt)])
     batch = {"prompt_ids": ids, "prompt_mask": torch.ones_like(ids), "images": images,
              "has_image": torch.tensor([images is not None])}
