@@ -14,10 +14,11 @@ from train_helpers import FAST, ROOT, csv_losses
 
 from mm.config import ConfigError
 from train.engine.config import load_recipe
-from train.engine.loop import Trainer
+from train.engine.loop import train
 from train.engine.run_log import read_metrics
 from train.rules.allora import ALLoRA, allora_coefficient
-from train.rules.base import RULES, RuleConfig, RuleHooks
+from train.rules.base import RULES, RuleConfig, RuleHooks, inner_optimizer
+from train.rules.lisa import lisa_draw
 
 TINY = ROOT / "configs" / "tiny"
 
@@ -38,12 +39,15 @@ class RecorderConfig(RuleConfig):
 
 @RULES.register("test_recorder")
 class Recorder(RuleHooks):
-    """Test rule: records the hook calls, and each step's gradients and weights around the optimizer step."""
+    """Test rule: records the hook calls, and each step's gradients and weights around the optimizer step.
+    ``Recorder.last`` is the instance of the latest run."""
 
     config_class = RecorderConfig
+    last: Recorder | None = None
 
     def on_train_start(self, task, optimizer, accelerator, step):
-        self.task, self.calls, self.steps = task, [("start", step)], []
+        Recorder.last = self
+        self.task, self.optimizer, self.calls, self.steps = task, inner_optimizer(optimizer), [("start", step)], []
 
     def _trainable(self):
         return {n: p for n, p in self.task.named_parameters() if p.requires_grad}
@@ -66,10 +70,6 @@ class Recorder(RuleHooks):
         self.calls.append(("step_end", step))
         params = self._trainable()
         self.steps[-1] = {n: (*before, params[n].detach().clone()) for n, before in self.steps[-1].items()}
-
-
-def recorder(trainer: Trainer) -> Recorder:
-    return next(rule for rule in trainer.rules if isinstance(rule, Recorder))
 
 
 # ---------------------------------------------------------------------------- recipes
@@ -105,11 +105,10 @@ def test_rules_are_validated_when_the_recipe_loads(tmp_path):
 
 
 def test_the_loop_calls_every_hook_in_order(tmp_path):
-    trainer = Trainer(recipe("digits_loraplus", tmp_path, "train.rules=[test_recorder]", "optim.loraplus_ratio=null",
-                             "train.max_steps=2", "train.grad_accum=2"))
-    trainer.run()
+    train(recipe("digits_loraplus", tmp_path, "train.rules=[test_recorder]", "optim.loraplus_ratio=null",
+                 "train.max_steps=2", "train.grad_accum=2"))
     micro = [("before_backward",), ("after_backward",)]
-    assert recorder(trainer).calls == [
+    assert Recorder.last.calls == [
         ("start", 0),
         ("step_start", 0), *micro, *micro, ("before_optimizer_step", 0), ("step_end", 1),
         ("step_start", 1), *micro, *micro, ("before_optimizer_step", 1), ("step_end", 2),
@@ -152,7 +151,7 @@ def _spy_on_ranks(monkeypatch) -> list[tuple[int, int]]:
 def test_dylora_rank_is_one_draw_per_step_for_every_layer(tmp_path, monkeypatch):
     used = _spy_on_ranks(monkeypatch)
     out = tmp_path / "rule"
-    Trainer(recipe("digits_dylora", out, "train.max_steps=12", "train.grad_accum=2")).run()
+    train(recipe("digits_dylora", out, "train.max_steps=12", "train.grad_accum=2"))
     # digits MLP: fc1 then fc2 per forward, two micro-batches per step -> four forwards of each step
     per_step = [used[i:i + 4] for i in range(0, len(used), 4)]
     assert len(per_step) == 12 and all(len({layer for layer, _ in step}) == 2 for step in per_step)
@@ -162,17 +161,17 @@ def test_dylora_rank_is_one_draw_per_step_for_every_layer(tmp_path, monkeypatch)
     assert len(set(drawn)) > 2 and all(1 <= r <= 8 for r in drawn), drawn
     assert metric(out, "dylora_rank") == {step + 1: float(rank) for step, rank in enumerate(drawn)}
     used.clear()  # without the rule every layer draws its own rank on each forward
-    Trainer(recipe("digits_dylora", tmp_path / "off", "train.max_steps=12", "train.rules=[]")).run()
+    train(recipe("digits_dylora", tmp_path / "off", "train.max_steps=12", "train.rules=[]"))
     pairs = [used[i:i + 2] for i in range(0, len(used), 2)]
     assert any(a[1] != b[1] for a, b in pairs)
 
 
 def test_dylora_ranks_continue_after_a_resume(tmp_path):
     straight = tmp_path / "straight"
-    Trainer(recipe("digits_dylora", straight, "train.max_steps=6")).run()
+    train(recipe("digits_dylora", straight, "train.max_steps=6"))
     split = tmp_path / "split"
-    Trainer(recipe("digits_dylora", split, "train.max_steps=3")).run()
-    Trainer(recipe("digits_dylora", split, "train.max_steps=6", "train.resume=auto")).run()
+    train(recipe("digits_dylora", split, "train.max_steps=3"))
+    train(recipe("digits_dylora", split, "train.max_steps=6", "train.resume=auto"))
     assert metric(split, "dylora_rank") == metric(straight, "dylora_rank")
 
 
@@ -187,11 +186,9 @@ def _layer_of(key: str) -> int | None:
 def test_lisa_trains_only_the_drawn_layers_and_resumes_on_the_same_draws(tmp_path):
     out = tmp_path / "run"
     constant = "optim.schedule=constant"  # the 3-step run's schedule then matches the 6-step run's
-    trainer = Trainer(recipe("digits_lisa", out, constant, "train.max_steps=6", "train.save_every=1",
-                             "train.keep_last=10"))
-    lisa = trainer.rules.rules[0].lisa
-    trainer.run()
-    draws = [lisa.draw(step // 2) for step in range(6)]  # period 2: a new draw every two steps
+    train(recipe("digits_lisa", out, constant, "train.max_steps=6", "train.save_every=1", "train.keep_last=10"))
+    # the recipe: seed 0, n_layers 1 of the ViT's 4 blocks, a new draw every 2 steps
+    draws = [lisa_draw(0, step // 2, n_layers=1, total=4) for step in range(6)]
     assert len({tuple(d) for d in draws}) > 1 and all(len(d) == 1 for d in draws)
     folders = sorted((out / "checkpoints").glob("step-*"))
     assert len(folders) == 6
@@ -203,8 +200,8 @@ def test_lisa_trains_only_the_drawn_layers_and_resumes_on_the_same_draws(tmp_pat
         assert changed == set(draws[step]), f"step {step + 1}: changed {changed}, drawn {draws[step]}"
         previous = current
     resumed = tmp_path / "resumed"
-    Trainer(recipe("digits_lisa", resumed, constant, "train.max_steps=3")).run()
-    Trainer(recipe("digits_lisa", resumed, constant, "train.max_steps=6", "train.resume=auto")).run()
+    train(recipe("digits_lisa", resumed, constant, "train.max_steps=3"))
+    train(recipe("digits_lisa", resumed, constant, "train.max_steps=6", "train.resume=auto"))
     straight = load_file(str(out / "adapters.safetensors"))
     again = load_file(str(resumed / "adapters.safetensors"))
     assert all(torch.allclose(straight[k], again[k], atol=1e-6) for k in straight)
@@ -215,14 +212,14 @@ def test_lisa_trains_only_the_drawn_layers_and_resumes_on_the_same_draws(tmp_pat
 
 
 def test_allora_scales_each_rows_step_by_its_norm(tmp_path):
-    trainer = Trainer(recipe("digits_allora", tmp_path, "train.rules=[{name: allora, eta: 4}, test_recorder]",
-                             "train.max_steps=3", "optim.warmup_steps=0", "train.clip_norm=null"))
-    assert isinstance(trainer.optimizer.optimizer, ALLoRA)
-    dropouts = [m for m in trainer.task.modules() if isinstance(m, torch.nn.Dropout)]
-    assert not dropouts and all(a.scaling == 1.0 for a in trainer.recipe.adapters.values())
-    trainer.run()
-    lr = trainer.recipe.optim.lr  # constant schedule, no warm-up
-    steps = recorder(trainer).steps
+    run = recipe("digits_allora", tmp_path, "train.rules=[{name: allora, eta: 4}, test_recorder]",
+                 "train.max_steps=3", "optim.warmup_steps=0", "train.clip_norm=null")
+    train(run)
+    rec = Recorder.last
+    assert isinstance(rec.optimizer, ALLoRA)
+    assert not [m for m in rec.task.modules() if isinstance(m, torch.nn.Dropout)]
+    lr = run.optim.lr  # constant schedule, no warm-up
+    steps = rec.steps
     assert len(steps) == 3
     for step in steps:
         for name, (before, grad, after) in step.items():
@@ -234,18 +231,19 @@ def test_allora_scales_each_rows_step_by_its_norm(tmp_path):
 
 
 def test_loraplus_puts_b_at_ratio_times_the_learning_rate(tmp_path):
-    trainer = Trainer(recipe("digits_loraplus", tmp_path, "train.rules=[test_recorder]", "train.max_steps=3",
-                             "optim.name=sgd", "optim.schedule=constant", "optim.warmup_steps=0",
-                             "train.clip_norm=null"))
-    ratio, lr = trainer.recipe.optim.loraplus_ratio, trainer.recipe.optim.lr
-    groups = trainer.optimizer.param_groups
-    names = {id(p): n for n, p in trainer.task.named_parameters()}
+    run = recipe("digits_loraplus", tmp_path, "train.rules=[test_recorder]", "train.max_steps=3", "optim.name=sgd",
+                 "optim.schedule=constant", "optim.warmup_steps=0", "train.clip_norm=null")
+    train(run)
+    rec = Recorder.last
+    ratio, lr = run.optim.loraplus_ratio, run.optim.lr
+    groups = rec.optimizer.param_groups
+    names = {id(p): n for n, p in rec.task.named_parameters()}
     assert [g["lr"] for g in groups] == [lr, lr * ratio]
     assert {names[id(p)].rsplit(".", 1)[-1] for p in groups[1]["params"]} == {"lora_B"}
     assert not any(names[id(p)].endswith("lora_B") for p in groups[0]["params"])
     assert any(names[id(p)].startswith("head.") for p in groups[0]["params"])
-    trainer.run()
-    for step in recorder(trainer).steps:
+    assert len(rec.steps) == 3
+    for step in rec.steps:
         for name, (before, grad, after) in step.items():
             rate = lr * ratio if name.endswith("lora_B") else lr
             assert torch.allclose(after, before - rate * grad, atol=1e-6), name

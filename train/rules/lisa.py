@@ -71,6 +71,12 @@ def find_layer_list(model: nn.Module, path: str | None = None) -> tuple[str, nn.
                      "to the nn.ModuleList of blocks>'")
 
 
+def lisa_draw(seed: int, index: int, n_layers: int, total: int) -> list[int]:
+    """Draw ``index`` of a LISA schedule: ``n_layers`` of ``total`` layers, uniformly without replacement."""
+    generator = torch.Generator().manual_seed(step_seed(seed, index, salt=0x115A))
+    return sorted(int(i) for i in torch.randperm(total, generator=generator)[:n_layers])
+
+
 class LISA:
     """Owns which layers train: call ``step()`` instead of ``optimizer.step()`` + ``zero_grad()``
     (or ``advance()`` after stepping the optimizer yourself)."""
@@ -103,9 +109,8 @@ class LISA:
         self.switch()
 
     def draw(self, index: int) -> list[int]:
-        """The layers of draw ``index``: ``n_layers`` of them, uniformly without replacement."""
-        generator = torch.Generator().manual_seed(step_seed(self.seed, index, salt=0x115A))
-        return sorted(int(i) for i in torch.randperm(len(self.layer_params), generator=generator)[: self.n_layers])
+        """The layers of draw ``index`` (``lisa_draw`` of this schedule)."""
+        return lisa_draw(self.seed, index, self.n_layers, len(self.layer_params))
 
     def switch(self) -> list[int]:
         """Take the next draw: its layers train, the rest freeze and lose their gradients and optimizer state."""
