@@ -134,7 +134,7 @@ def make_fake_m3leo(root: str | Path, n_chips: int = 24, size: int = 32, region:
     """Write ``n_chips`` chips of every product (or ``products``) and a 60-20-20 split CSV; returns its path."""
     rng = np.random.default_rng(seed)
     region_dir = Path(root) / region
-    name = f"{region}_partitions_aschips_fake{seed}"
+    name = f"{region}_partitions_aschips_fake{seed}n{n_chips}s{size}"  # a differently sized miniset is not reused
     split_file = region_dir / f"{name}_splits_60bands_angle09_{'-'.join(str(round(f * 100)) for f in fractions)}.csv"
     order = rng.permutation(n_chips)
     n_train, n_val = int(round(fractions[0] * n_chips)), int(round(fractions[1] * n_chips))
@@ -172,7 +172,7 @@ def ensure_chips(data: EODataConfig) -> M3LEODataConfig:
     split_file = data.split_file
     if data.synthetic:
         root = Path(data.fake_root)
-        pattern = f"*/*_fake{data.fake_seed}_splits_*.csv"
+        pattern = f"*/*_fake{data.fake_seed}n{data.fake_chips}s{data.fake_size}_splits_60bands_*.csv"
         existing = sorted(root.glob(pattern))
         split_file = str(existing[0]) if existing else str(make_fake_m3leo(
             root, n_chips=data.fake_chips, size=data.fake_size, seed=data.fake_seed, year=data.year,

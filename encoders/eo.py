@@ -48,7 +48,7 @@ class EOTowerConfig:
     arch: Literal["vit", "resnet"] = field(default="vit", metadata={"help": "Tower family."})
     model: str = field(default="vit_tiny_patch16_224", metadata={"help": "timm model name."})
     in_chans: int = field(default=3, metadata={"help": "Input bands (set from the selected bands)."})
-    img_size: int = field(default=32, metadata={"help": "Chip size in pixels (ViT)."})
+    img_size: int | tuple[int, int] = field(default=32, metadata={"help": "Chip size in pixels (ViT), or (H, W)."})
     patch_size: int | None = field(default=8, metadata={"help": "ViT patch size (null: the model's)."})
     embed_dim: int | None = field(default=None, metadata={"help": "ViT width override (tiny test towers)."})
     depth: int | None = field(default=None, metadata={"help": "ViT depth override."})

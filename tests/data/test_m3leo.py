@@ -189,6 +189,16 @@ def test_netcdf_missing_a_variable_names_the_file_and_variable(fresh_split):
     assert list(dataset.skipped) == [str(path)] and torch.isfinite(dataset[0]["biomass"])
 
 
+def test_a_netcdf_variable_of_the_wrong_dtype_names_the_file(fresh_split):
+    path = _train_chip(fresh_split, "biomass")
+    with xr.open_dataset(path) as ds:
+        broken = ds.load()
+    broken["agb"] = broken["agb"].astype(str)
+    broken.to_netcdf(path, mode="w")
+    with pytest.raises(M3LEOError, match=f"{path}: biomass variable 'agb' has dtype .*expected a number type"):
+        M3LEODataset(config(fresh_split, modalities={"s1grd": None}, labels=["biomass"]))
+
+
 def test_wrong_band_count_and_wrong_dtype_name_the_file(fresh_split):
     path = _train_chip(fresh_split, "s1grd")
     with rasterio.open(path) as src:
