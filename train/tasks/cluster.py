@@ -119,8 +119,10 @@ def read_idx(path: Path) -> np.ndarray:
     if len(raw) < 4 or raw[:2] != b"\0\0" or raw[2] != 0x08:
         raise ClusterDataError(f"{path}: not an unsigned-byte IDX file (expected the magic 00 00 08 <ndim>)")
     ndim = raw[3]
+    if len(raw) < 4 + 4 * ndim:
+        raise ClusterDataError(f"{path}: IDX header cut short ({len(raw)} bytes for {ndim} dimensions)")
     shape = tuple(int.from_bytes(raw[4 + 4 * i : 8 + 4 * i], "big") for i in range(ndim))
-    data = np.frombuffer(raw, np.uint8, offset=min(len(raw), 4 + 4 * ndim))
+    data = np.frombuffer(raw, np.uint8, offset=4 + 4 * ndim)
     if data.size != int(np.prod(shape)):
         raise ClusterDataError(f"{path}: IDX header says {shape}, file holds {data.size} values")
     return data.reshape(shape)
@@ -135,9 +137,10 @@ def read_feature_npz(path: str | Path) -> tuple[np.ndarray, np.ndarray]:
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no such feature file (key 'data.path'); expected {expected}")
     try:
-        with np.load(path, allow_pickle=False) as archive:
-            if not hasattr(archive, "files"):
-                raise ClusterDataError(f"{path}: a single .npy array; expected {expected}")
+        archive = np.load(path, allow_pickle=False)
+        if not isinstance(archive, np.lib.npyio.NpzFile):
+            raise ClusterDataError(f"{path}: a single .npy array; expected {expected}")
+        with archive:
             missing = sorted({"features", "labels"} - set(archive.files))
             if missing:
                 raise ClusterDataError(f"{path}: no array(s) {missing} (found {archive.files}); expected {expected}")
