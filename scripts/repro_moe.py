@@ -39,15 +39,18 @@ from mm.adapters.moe import aux_loss, mixtures
 from mm.adapters.mole import MoLEConfig
 
 MLP = ["gate_proj", "up_proj", "down_proj"]
+#: The balance-loss weight this miniature was run with (the library default is MoE-PEFT's 0.001).
+AUX = 0.01
 METHODS = {
     "head only": None,
     "LoRA r=2 (MoLE's active rank)": lambda: mm.LoRAConfig(targets=MLP, r=2, alpha=4.0),
     "LoRA r=4 (MixLoRA's active rank)": lambda: mm.LoRAConfig(targets=MLP, r=4, alpha=8.0),
     "LoRA r=8": lambda: mm.LoRAConfig(targets=MLP, r=8, alpha=16.0),
-    "MoLE 4x r=2": lambda: MoLEConfig(targets=MLP, r=2, alpha=4.0, num_experts=4),
+    "MoLE 4x r=2": lambda: MoLEConfig(targets=MLP, r=2, alpha=4.0, num_experts=4, aux_loss_coef=AUX),
     "MoLE 4x r=2, unscaled gate": lambda: MoLEConfig(targets=MLP, r=2, alpha=4.0, num_experts=4,
-                                                      scale_by_gate=False),
-    "MixLoRA 4x r=2 top-2": lambda: MixLoRAConfig(targets=MLP, r=2, alpha=4.0, num_experts=4, top_k=2),
+                                                      scale_by_gate=False, aux_loss_coef=AUX),
+    "MixLoRA 4x r=2 top-2": lambda: MixLoRAConfig(targets=MLP, r=2, alpha=4.0, num_experts=4, top_k=2,
+                                                  aux_loss_coef=AUX),
 }
 FULL = {"pretrain_epochs": 6, "epochs": 8, "seeds": 3, "hidden": 64, "batch": 64, "images": None}
 QUICK = {"pretrain_epochs": 1, "epochs": 1, "seeds": 2, "hidden": 16, "batch": 128, "images": 160}

@@ -5,8 +5,9 @@ to 1 (as the authors' code does). Expert j is the frozen FFN with expert j's LoR
 projection, and the block returns ``sum_j g_j FFN_{e_j}(x)``: each chosen expert's pre-activation goes
 through the nonlinearity on its own. The frozen weights still run once per token, not once per choice
 (``mm.adapters.moe_ffn``: the authors' shared-W1/W3 optimisation, and the down projection by linearity).
-The auxiliary loss ``E * sum_i f_i P_i`` is returned, times ``aux_loss_coef``, by
-``mm.adapters.moe.aux_loss(model)``. MixLoRA's independently configured attention LoRA is a second adapter:
+The auxiliary loss ``E * sum_i f_i P_i`` over all layers' router logits concatenated (MoE-PEFT's form;
+``balance_loss="per_layer"`` averages per-layer losses instead) is returned, times ``aux_loss_coef``
+(default 0.001, MoE-PEFT's), by ``mm.adapters.moe.aux_loss(model)``. MixLoRA's independently configured attention LoRA is a second adapter:
 ``mm.attach(model, LoRAConfig(targets=[q, k, v, o]), "attn")``.
 
 ``router_scope="layer"`` instead gives each projection its own router mixing inside that projection

@@ -19,9 +19,15 @@ MoLA (Gao et al., 2024) is the per-layer expert count: ``layer_experts`` (a list
 ``expert_groups`` with ``num_layers`` (equal groups of consecutive layers, e.g. [2, 4, 6, 8] = more experts
 in higher layers), resolved from the layer index in each module's name.
 
-Balance loss, router and padding mask: ``mm.adapters.moe_router``. ``aux_loss(model)``
-returns every active mixture's coefficient times the mean of its routers' losses from the latest forward;
-``router_stats(model)`` gives tokens per expert and router entropy per block for logging.
+Balance loss, router and padding mask: ``mm.adapters.moe_router``. ``aux_loss(model)`` returns, for every
+active mixture, ``aux_loss_coef`` times its balance loss from the latest forward, in the form
+``balance_loss`` names: ``"concat"`` (MoE-PEFT's MixLoRA: one loss over all layers' router logits
+concatenated; routers with different expert counts form one concatenation per count, averaged),
+``"per_layer"`` (the mean of each router's own loss) or ``"none"``. The default ``"auto"`` follows each
+reference: ``"concat"`` for block routers (MixLoRA, MoLE), ``"none"`` for MoLA's per-projection routers
+(``router_scope="layer"``: MoE-PEFT's MoLA has ``router_loss`` off), whose init is likewise Kaiming-uniform
+(``router_init="auto"``) where MixLoRA's is normal(0, 0.02). ``aux_loss_coef`` defaults to MoE-PEFT's
+0.001. ``router_stats(model)`` gives tokens per expert and router entropy per block for logging.
 """
 
 from __future__ import annotations
@@ -49,6 +55,7 @@ from mm.adapters.moe_router import (  # noqa: F401  (re-exported: the router API
     ROUTER_INIT_STD,
     Router,
     Routing,
+    concat_balance_loss,
     load_balance_loss,
 )
 from mm.config import ConfigError
@@ -78,7 +85,19 @@ class MixtureConfig(LoRAConfig):
                   "projection mixing inside it (MoLA)."},
     )
     aux_loss_coef: float = field(
-        default=0.01, metadata={"help": "Weight of the load-balance loss that aux_loss(model) returns."}
+        default=0.001, metadata={"help": "Weight of the load-balance loss that aux_loss(model) returns "
+                                         "(MoE-PEFT's default)."}
+    )
+    balance_loss: Literal["auto", "concat", "per_layer", "none"] = field(
+        default="auto",
+        metadata={"help": "'concat': one loss over all layers' router logits concatenated (MoE-PEFT's MixLoRA); "
+                  "'per_layer': the mean of the routers' own losses; 'none'; 'auto': none for router_scope "
+                  "'layer' (MoLA), else concat."},
+    )
+    router_init: Literal["auto", "normal", "kaiming"] = field(
+        default="auto",
+        metadata={"help": "'normal': std 0.02 (MixLoRA); 'kaiming': Kaiming-uniform (MoLA); 'auto': kaiming for "
+                  "router_scope 'layer', else normal."},
     )
     router_jitter: float = field(
         default=0.0,
@@ -119,6 +138,18 @@ class MixtureConfig(LoRAConfig):
                 if count < max(1, self.top_k):
                     raise ConfigError(f"{m}: key {key!r} has {count} experts; each layer needs at least "
                                       f"top_k={self.top_k} (and 1)")
+
+    @property
+    def resolved_balance_loss(self) -> str:
+        if self.balance_loss != "auto":
+            return self.balance_loss
+        return "none" if self.router_scope == "layer" else "concat"
+
+    @property
+    def resolved_router_init(self) -> str:
+        if self.router_init != "auto":
+            return self.router_init
+        return "kaiming" if self.router_scope == "layer" else "normal"
 
     def experts_at(self, layer_name: str) -> int:
         """The expert count of the layer called ``layer_name`` (MoLA's per-layer allocation, or num_experts)."""
@@ -276,20 +307,29 @@ def mixtures(model: nn.Module, *, active_only: bool = True):
 
 
 def aux_loss(model: nn.Module, found: list | None = None) -> torch.Tensor:
-    """Sum over active mixtures of ``aux_loss_coef * mean(router balance losses)`` from the latest forward.
+    """Sum over active mixtures of ``aux_loss_coef`` times their balance loss (``balance_loss``: the routers'
+    logits concatenated, or the mean of per-router losses) from the latest forward.
 
     Add it to the task loss: ``loss = task_loss + mm.adapters.moe.aux_loss(model)``. ``found``: the
     ``list(mixtures(model))`` a caller already has, to skip walking the model again.
     """
-    losses: dict[str, list[torch.Tensor]] = {}
-    coefs: dict[str, float] = {}
+    routers: dict[str, list[Router]] = {}
+    configs: dict[str, MixtureConfig] = {}
     for name, adapter in mixtures(model) if found is None else found:
-        if adapter.router.balance_loss is not None:
-            losses.setdefault(name, []).append(adapter.router.balance_loss)
-            coefs[name] = adapter.config.aux_loss_coef
-    if not losses:
-        return torch.zeros((), device=next(model.parameters()).device)
-    return sum(coefs[name] * torch.stack(values).mean() for name, values in losses.items())
+        if adapter.router.balance_loss is not None and adapter.config.resolved_balance_loss != "none":
+            routers.setdefault(name, []).append(adapter.router)
+            configs[name] = adapter.config
+    total = torch.zeros((), device=next(model.parameters()).device)
+    for name, members in routers.items():
+        if configs[name].resolved_balance_loss == "per_layer":
+            loss = torch.stack([router.balance_loss for router in members]).mean()
+        else:  # one concatenation per expert count (MoLA's per-layer counts cannot share one)
+            by_count: dict[int, list] = {}
+            for router in members:
+                by_count.setdefault(router.num_experts, []).append(router.balance_sums)
+            loss = torch.stack([concat_balance_loss(sums) for sums in by_count.values()]).mean()
+        total = total + configs[name].aux_loss_coef * loss
+    return total
 
 
 @dataclass

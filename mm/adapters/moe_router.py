@@ -3,11 +3,18 @@
 Balance loss (Switch Transformer, as MixLoRA uses it): ``E * sum_i f_i * P_i`` with f_i the fraction of the
 T tokens routed to expert i (each of a token's k choices counts, as in the MixLoRA authors' code; for top-1
 this is the paper's formula) and P_i the mean router probability of expert i. Padding tokens are left out
-when the forward runs inside ``mm.route(token_masks={"attention": attention_mask})``.
+when the forward runs inside ``mm.route(token_masks={"attention": attention_mask})``. Each router keeps its
+own loss (``balance_loss``) and the sums it is made of (``balance_sums``: choices per expert, summed
+probabilities, tokens), from which ``concat_balance_loss`` gives the loss over all layers' router logits
+concatenated, as MoE-PEFT computes it (``mm.adapters.moe.aux_loss``).
+
+Router init: normal with std ``ROUTER_INIT_STD`` (MixLoRA's ``router_init_range`` 0.02) or Kaiming-uniform
+(``nn.Linear``'s default; MoE-PEFT's MoLA routers, ``a = sqrt(5)``).
 """
 
 from __future__ import annotations
 
+import math
 import weakref
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
@@ -59,6 +66,26 @@ def load_balance_loss(probs: torch.Tensor, experts: torch.Tensor, valid: torch.T
     return num_experts * torch.sum(counts / tokens * mean_probs)
 
 
+@dataclass
+class BalanceSums:
+    """What one router's balance loss is made of: choices per expert (E,), router probabilities summed over
+    the tokens (E,) (with gradient), and the token count, padding left out."""
+
+    counts: torch.Tensor
+    prob_sums: torch.Tensor
+    tokens: torch.Tensor
+
+
+def concat_balance_loss(sums: list[BalanceSums]) -> torch.Tensor:
+    """``E * sum_i f_i * P_i`` over the tokens of every router in ``sums`` taken together: the loss of their
+    router logits concatenated (MoE-PEFT's MixLoRA loss over all layers), not the mean of per-router losses.
+    All routers must have the same E."""
+    tokens = torch.stack([s.tokens for s in sums]).sum().clamp_min(1.0)
+    counts = torch.stack([s.counts for s in sums]).sum(0)
+    prob_sums = torch.stack([s.prob_sums for s in sums]).sum(0)
+    return counts.shape[0] * torch.sum((counts / tokens) * (prob_sums / tokens))
+
+
 #: ``mm.route(token_masks={PADDING_MASK: attention_mask})`` marks the real tokens of a padded batch.
 PADDING_MASK = "attention"
 
@@ -79,7 +106,10 @@ class Router(nn.Module):
                  device: torch.device) -> None:
         super().__init__()
         self.weight = nn.Parameter(torch.empty(num_experts, in_features, dtype=torch.float32, device=device))
-        nn.init.normal_(self.weight, std=ROUTER_INIT_STD)
+        if config.resolved_router_init == "kaiming":
+            nn.init.kaiming_uniform_(self.weight, a=math.sqrt(5))
+        else:
+            nn.init.normal_(self.weight, std=ROUTER_INIT_STD)
         self.in_features, self.num_experts, self.block = in_features, num_experts, block
         self.top_k, self.renormalize, self.jitter = config.top_k, config.renormalize, config.router_jitter
         self.members: dict[str, int] = {}  # projection -> its input width, filled while attaching
@@ -104,13 +134,15 @@ class Router(nn.Module):
         self.lead: tuple[int, ...] | None = None  # leading shape of the latest routed input
         self.routing: Routing | None = None
         self.balance_loss: torch.Tensor | None = None
+        self.balance_sums: BalanceSums | None = None
         self.tokens_per_expert: torch.Tensor | None = None
         self.entropy: torch.Tensor | None = None
 
     def __getstate__(self) -> dict:
         # The latest routing holds autograd graph tensors, which copy.deepcopy and pickle refuse.
         state = dict(self.__dict__)
-        state.update(_input=None, lead=None, routing=None, balance_loss=None, tokens_per_expert=None, entropy=None)
+        state.update(_input=None, lead=None, routing=None, balance_loss=None, balance_sums=None,
+                     tokens_per_expert=None, entropy=None)
         return state
 
     def extra_repr(self) -> str:
@@ -130,6 +162,9 @@ class Router(nn.Module):
         self._input, self.lead = weakref.ref(source), tuple(source.shape[:-1])
         valid = _valid_tokens(probs.shape[0])
         self.balance_loss = load_balance_loss(probs, experts, valid)
+        weight = torch.ones_like(probs[:, 0]) if valid is None else valid.to(probs.dtype)
+        self.balance_sums = BalanceSums(expert_counts(experts, self.num_experts, weight),
+                                        (probs * weight[:, None]).sum(0), weight.sum())
         with torch.no_grad():  # statistics for logging, kept on the device (no sync until read)
             self.tokens_per_expert = expert_counts(experts, self.num_experts, valid).round().long()
             entropy = -(probs * probs.clamp_min(1e-12).log()).sum(-1)

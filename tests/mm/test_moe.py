@@ -124,8 +124,10 @@ def test_load_balance_loss_is_the_papers_formula_on_a_hand_made_case():
 
 
 def test_aux_loss_collects_every_layer_and_trains_the_routers():
+    # The per-layer mean (our earlier form, an option); the default concatenation: tests/mm/test_moe_balance.py.
     model = tiny_llama()
-    mm.attach(model, MixLoRAConfig(targets=LLAMA_MLP, r=4, num_experts=4, top_k=2, aux_loss_coef=0.5))
+    mm.attach(model, MixLoRAConfig(targets=LLAMA_MLP, r=4, num_experts=4, top_k=2, aux_loss_coef=0.5,
+                                   balance_loss="per_layer"))
     perturb(model, scale=0.3)
     inputs = {}
     for index, layer in enumerate(model.model.layers):  # record each block's MLP input to recompute by hand
