@@ -39,3 +39,69 @@ def test_no_subcommand_prints_help_and_fails(capsys):
 
     assert main([]) == 2
     assert "usage: mmtune" in capsys.readouterr().out
+
+
+def test_progress_off_a_terminal_is_a_few_plain_lines():
+    import io
+
+    from train.engine.progress import PlainProgress, progress_bar
+
+    log = io.StringIO()  # a file: not a terminal
+    bar = progress_bar(200, "run", stream=log)
+    assert isinstance(bar, PlainProgress)
+    for step in range(200):
+        bar.set_postfix(loss=f"{1 / (step + 1):.3f}")
+        bar.update()
+    bar.close()
+    assert log.getvalue().splitlines() == ["run:  25% (50/200) loss=0.020", "run:  50% (100/200) loss=0.010",
+                                           "run:  75% (150/200) loss=0.007", "run: 100% (200/200) loss=0.005"]
+    resumed = io.StringIO()
+    bar = progress_bar(200, "run", initial=120, stream=resumed)  # a resume: only the marks still ahead
+    for _ in range(80):
+        bar.update()
+    bar.close()
+    assert resumed.getvalue().splitlines() == ["run:  75% (150/200)", "run: 100% (200/200)"]
+    silent = io.StringIO()
+    progress_bar(5, "run", enabled=False, stream=silent).close()
+    progress_bar(0, "empty", stream=silent).close()
+    assert silent.getvalue() == ""
+
+
+def test_progress_on_a_terminal_is_tqdm():
+    import io
+
+    from tqdm import tqdm
+
+    from train.engine.progress import progress_bar
+
+    class Terminal(io.StringIO):
+        def isatty(self) -> bool:
+            return True
+
+    screen = Terminal()
+    bar = progress_bar(10, "run", stream=screen)
+    assert isinstance(bar, tqdm)
+    bar.update(10)
+    bar.close()
+    assert "\r" in screen.getvalue()  # redrawn in place
+
+
+def test_deepspeed_accelerator_guess_is_dropped_and_nothing_else(capsys):
+    import logging
+
+    from train.cli import quiet_unused_components
+
+    quiet_unused_components()
+    quiet_unused_components()  # idempotent: one filter
+    logger = logging.getLogger("DeepSpeed")
+    assert len([f for f in logger.filters if type(f).__name__ == "_DropDeepSpeedAcceleratorGuess"]) == 1
+    records = []
+    handler = logging.Handler()
+    handler.emit = records.append
+    logger.addHandler(handler)
+    try:
+        logger.warning("Setting accelerator to CPU. If you have GPU or other accelerator, we were unable to detect it.")
+        logger.warning("Some other DeepSpeed warning")
+    finally:
+        logger.removeHandler(handler)
+    assert [r.getMessage() for r in records] == ["Some other DeepSpeed warning"]
