@@ -100,6 +100,11 @@ def test_rules_are_validated_when_the_recipe_loads(tmp_path):
         recipe("digits_allora", tmp_path, "adapters.default.alpha=8")
     with pytest.raises(ConfigError, match=r"allora is AdamW or plain SGD"):
         recipe("digits_allora", tmp_path, "optim.momentum=0.9")
+    zero2 = f"train.deepspeed={ROOT / 'configs' / 'deepspeed' / 'zero2.json'}"
+    with pytest.raises(ConfigError, match=r"lisa freezes layers between steps, which DeepSpeed"):
+        recipe("digits_lisa", tmp_path, zero2)
+    with pytest.raises(ConfigError, match=r"allora needs each parameter's rows, which DeepSpeed flattens"):
+        recipe("digits_allora", tmp_path, zero2)
     with pytest.raises(ConfigError, match=r"'optim.loraplus_ratio' must be > 0, got -2"):
         recipe("digits_loraplus", tmp_path, "optim.loraplus_ratio=-2")
 
@@ -248,3 +253,5 @@ def test_loraplus_puts_b_at_ratio_times_the_learning_rate(tmp_path):
             rate = lr * ratio if name.endswith("lora_B") else lr
             assert torch.allclose(after, before - rate * grad, atol=1e-6), name
     assert metric(tmp_path, "lr") == pytest.approx({1: lr, 2: lr, 3: lr})
+    with pytest.raises(ConfigError, match=r"'optim.loraplus_ratio': no trainable lora_B in the model"):
+        train(recipe("digits_loraplus", tmp_path / "loldu", "adapters.default={method: loldu, targets: [fc1, fc2], r: 4}"))

@@ -147,7 +147,7 @@ def resolved_rules(recipe: Any) -> list[dict[str, Any]]:
 
 def build_rules(recipe: Any) -> RuleSet:
     """The recipe's rules, ready for the loop: ``train.rules`` in order, then LoRA+ if asked for."""
-    rules: list[Any] = [get_rule(name)(config, recipe) for name, config in parse_rules(recipe)]
+    rules: list[Rule] = [get_rule(name)(config, recipe) for name, config in parse_rules(recipe)]
     if recipe.optim.loraplus_ratio is not None:
         from train.rules.loraplus import LoRAPlus
 
@@ -158,7 +158,7 @@ def build_rules(recipe: Any) -> RuleSet:
 class RuleSet:
     """Calls each rule's hook in order; the loop holds one of these."""
 
-    def __init__(self, rules: list[Any]) -> None:
+    def __init__(self, rules: list[Rule]) -> None:
         self.rules = rules
 
     def __iter__(self):
