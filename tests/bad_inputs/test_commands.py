@@ -126,6 +126,12 @@ def test_cluster_missing_recipe_is_named(tmp_path, capsys):
 # ---------------------------------------------------------------------------- mmtune fewshot
 
 
+def _has_cuda() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
 @pytest.fixture(scope="module")
 def images(tmp_path_factory) -> Path:
     return make_fake_fewshot_dataset(tmp_path_factory.mktemp("images"), "folder", train_per_class=2,
@@ -159,7 +165,9 @@ def test_fewshot_bad_local_checkpoint_is_named(images, tmp_path, capsys, damage,
     (["--shots", "0"], ("--shots", ">= 1")),
     (["--methods", "zero-shot", "zero-shot"], ("--methods", "'zero-shot'")),
     (["--shots", "3"], ("--shots 3", "class 'red_square' has 2")),
-], ids=["unknown_method", "zero_shots", "repeated_method", "too_many_shots"])
+    pytest.param(["--device", "cuda:7"], ("--device cuda:7", "no CUDA device"),
+                 marks=pytest.mark.skipif(_has_cuda(), reason="a CUDA device is present")),
+], ids=["unknown_method", "zero_shots", "repeated_method", "too_many_shots", "no_gpu"])
 def test_fewshot_bad_arguments_are_named_before_any_work(images, tmp_path, capsys, extra, culprits):
     out = tmp_path / "out"
     result = fewshot(images, out, capsys, *extra)

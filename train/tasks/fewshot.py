@@ -286,6 +286,8 @@ def preflight(settings: FewShotSettings, data: FewShotData) -> dict[tuple[int, i
     if not settings.seeds or not settings.methods:
         raise mm.ConfigError(f"--seeds / --methods: expected at least one each, got {settings.seeds}, "
                              f"{settings.methods}")
+    if str(settings.device).startswith("cuda") and not torch.cuda.is_available():
+        raise mm.ConfigError(f"--device {settings.device}: no CUDA device is available here; use --device cpu")
     repeated = sorted({m for m in settings.methods if settings.methods.count(m) > 1})
     if repeated:
         raise mm.ConfigError(f"--methods: {repeated} given more than once")
