@@ -20,10 +20,11 @@ from typing import Any
 from mm.config import ConfigError
 from train.engine.config import Recipe, apply_overrides, load_recipe, read_yaml, recipe_from_dict
 
-#: Keys a resumed run may change; everything else must equal the checkpoint's recipe.
+#: Keys a resumed run may change; everything else must equal the checkpoint's recipe. (Not
+#: optim.loraplus_ratio: switching it on or off changes the optimizer's parameter groups.)
 MUTABLE_ON_RESUME = frozenset({
     "optim.lr", "optim.schedule", "optim.warmup_steps", "optim.min_lr_ratio", "optim.weight_decay",
-    "optim.loraplus_ratio", "train.max_steps", "train.eval_every", "train.log_every", "train.save_every",
+    "train.max_steps", "train.eval_every", "train.log_every", "train.save_every",
     "train.keep_last", "train.clip_norm", "train.nonfinite", "train.max_nonfinite_skips", "train.progress",
     "train.threads",
 })
