@@ -15,6 +15,7 @@ method that cannot attach to a workload. Rows slower than 1.5x LoRA are flagged.
     .venv/bin/python scripts/bench_adapters.py                  # both workloads, about 15 minutes on 2 cores
     .venv/bin/python scripts/bench_adapters.py --no-memory      # timings only
     .venv/bin/python scripts/bench_adapters.py --quick          # tiny sizes: a smoke test of the script
+    .venv/bin/python scripts/bench_adapters.py --device cuda    # on a GPU: synchronised timing, CUDA peak memory
 """
 
 from __future__ import annotations
@@ -60,8 +61,8 @@ def skip_reason(method: str) -> str | None:
     return None
 
 
-def build(workload: str, method: str, sizes: dict):
-    """(model, batch, loss_fn) for one workload with ``method`` attached at rank RANK."""
+def build(workload: str, method: str, sizes: dict, device: str = "cpu"):
+    """(model, batch, loss_fn) for one workload with ``method`` attached at rank RANK, on ``device``."""
     import torch
     from torch import nn
 
@@ -90,7 +91,7 @@ def build(workload: str, method: str, sizes: dict):
     config = mm.AdapterConfig.from_dict({"method": method, "targets": targets, "r": RANK,
                                          **METHOD_OPTIONS.get(method, {})})
     mm.attach(model, config)
-    return model, batch, loss_fn
+    return model.to(device), benchlib.to_device(batch, device), loss_fn
 
 
 def forward_fn(model, batch, loss_fn) -> Callable[[], None]:
@@ -119,12 +120,13 @@ def train_step_fn(model, batch, loss_fn) -> Callable[[], None]:
     return train_step
 
 
-def setup(workload: str, method: str, **sizes) -> Callable[[], None]:
-    """A training step of ``method`` on ``workload`` (benchlib.peak_rss_mib runs this in a child process)."""
-    return train_step_fn(*build(workload, method, sizes))
+def setup(workload: str, method: str, device: str = "cpu", **sizes) -> Callable[[], None]:
+    """A training step of ``method`` on ``workload`` (benchlib.peak_memory_mib runs this in a child process)."""
+    return train_step_fn(*build(workload, method, sizes, device))
 
 
-def measure(workload: str, sizes: dict, methods: list[str], rounds: int, steps: int, memory: bool):
+def measure(workload: str, sizes: dict, methods: list[str], rounds: int, steps: int, memory: bool,
+            device: str = "cpu"):
     """Per method: params, forward ms, train ms, peak MiB (or None); plus {method: skip reason}."""
     import mm
 
@@ -133,27 +135,34 @@ def measure(workload: str, sizes: dict, methods: list[str], rounds: int, steps: 
         reason = skip_reason(method)
         if reason is None:
             try:
-                built[method] = build(workload, method, sizes)
+                built[method] = build(workload, method, sizes, device)
             except Exception as err:  # a method that cannot adapt this workload is reported, not fatal
                 reason = f"cannot attach: {type(err).__name__}: {str(err).splitlines()[0][:120]}"
         if reason is not None:
             skipped[method] = reason
             print(f"[{workload}] skip {method}: {reason}", file=sys.stderr)
+    for method, parts in list(built.items()):
+        try:  # one trial step: a method that breaks on this device (a CPU-only tensor, say) is reported
+            train_step_fn(*parts)()
+        except Exception as err:  # noqa: BLE001
+            skipped[method] = f"fails on {device}: {type(err).__name__}: {str(err).splitlines()[0][:120]}"
+            print(f"[{workload}] skip {method}: {skipped[method]}", file=sys.stderr)
+            del built[method]
     params = {m: sum(p.numel() for p in model.parameters() if p.requires_grad) for m, (model, _, _) in built.items()}
     variants = {}
     for method, parts in built.items():
         variants[(method, "forward")] = forward_fn(*parts)
         variants[(method, "train")] = train_step_fn(*parts)
     print(f"[{workload}] timing {len(variants)} variants, {rounds} rounds x {steps} steps", file=sys.stderr)
-    timings = benchlib.time_interleaved(variants, rounds=rounds, steps=steps, warmup=1)
+    timings = benchlib.time_interleaved(variants, rounds=rounds, steps=steps, warmup=1, device=device)
     del built, variants
     results = {}
     for method in params:
         peak = None
         if memory:
             print(f"[{workload}] peak memory: {method}", file=sys.stderr)
-            peak = benchlib.peak_rss_mib(__file__, "setup", {"workload": workload, "method": method, **sizes},
-                                         steps=2)["growth_mib"]
+            peak = benchlib.peak_memory_mib(__file__, "setup", {"workload": workload, "method": method, **sizes},
+                                            steps=2, device=device)["growth_mib"]
         results[method] = {"params": params[method], "forward": timings[(method, "forward")].median_ms,
                            "train": timings[(method, "train")].median_ms, "peak": peak}
     assert mm.ADAPTERS.get("lora")  # the baseline must exist
@@ -187,6 +196,7 @@ def main(argv: list[str] | None = None) -> str:
     parser.add_argument("--workloads", nargs="+", default=["linear", "llama"], choices=["linear", "llama"])
     parser.add_argument("--methods", nargs="+", default=None, help="default: every registered method")
     args = parser.parse_args(argv)
+    device = benchlib.check_device(parser, args.device)
     import torch
 
     import mm
@@ -194,13 +204,15 @@ def main(argv: list[str] | None = None) -> str:
     benchlib.set_threads(args.threads)
     methods = args.methods or mm.ADAPTERS.names()
     methods = ["lora"] + [m for m in methods if m != "lora"]  # the baseline first
-    all_sizes = QUICK if args.quick else FULL
-    sections = [f"Adapter methods vs LoRA at r={RANK}; fp32 CPU, torch {torch.__version__}, "
-                f"{torch.get_num_threads()} threads"]
+    tables = QUICK if args.quick else FULL
+    known = sorted({key for table in tables.values() for key in table})
+    all_sizes = {w: benchlib.resolve_sizes(parser, table, args.size, known) for w, table in tables.items()}
+    sections = [f"Adapter methods vs LoRA at r={RANK}; {benchlib.describe_device(device)}, torch {torch.__version__}; "
+                f"peak MiB = {benchlib.memory_label(device)}"]
     print(sections[0], flush=True)
     for workload in args.workloads:
         results, skipped = measure(workload, all_sizes[workload], methods, args.rounds, args.steps,
-                                   memory=not args.no_memory)
+                                   memory=not args.no_memory, device=device)
         sections.append(report(workload, all_sizes[workload], results, skipped))
         print("\n" + sections[-1], flush=True)  # each workload as soon as it is measured
     return "\n\n".join(sections)

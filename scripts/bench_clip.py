@@ -9,6 +9,7 @@ CLIP-LoRA (the text side is precomputed here: its adapters would not run in an i
     .venv/bin/python scripts/bench_clip.py                      # ViT-B-32, batch 32
     .venv/bin/python scripts/bench_clip.py --threads 1 --clock cpu   # steadier on a shared machine
     .venv/bin/python scripts/bench_clip.py --model tiny-test --batch 4 --image 32   # smoke test
+    .venv/bin/python scripts/bench_clip.py --device cuda        # on a GPU: synchronised timing, CUDA peak memory
 """
 
 from __future__ import annotations
@@ -48,8 +49,10 @@ def _step_fn(encode: Callable, params: list, images, prototypes, labels) -> Call
     return step
 
 
-def build_variants(model_name: str, batch: int, image: int, classes: int = 10) -> tuple[dict, dict]:
-    """The timed callables (frozen forward and one step per method) and each method's trainable count."""
+def build_variants(model_name: str, batch: int, image: int, classes: int = 10,
+                   device: str = "cpu") -> tuple[dict, dict]:
+    """The timed callables (frozen forward and one step per method) on ``device`` and each method's
+    trainable count. Adapters attach on the CPU copy; the adapted model then moves as a whole."""
     import torch
 
     import mm
@@ -61,6 +64,7 @@ def build_variants(model_name: str, batch: int, image: int, classes: int = 10) -
     images = torch.randn(batch, 3, image, image, generator=gen)
     labels = torch.randint(0, classes, (batch,), generator=gen)
     prototypes = torch.nn.functional.normalize(torch.randn(classes, clip.text_projection.shape[1], generator=gen), dim=-1)
+    images, labels, prototypes = benchlib.to_device((images, labels, prototypes), device)
 
     def frozen() -> None:
         with torch.no_grad():
@@ -70,10 +74,12 @@ def build_variants(model_name: str, batch: int, image: int, classes: int = 10) -
     for name, options in METHODS.items():
         model = copy.deepcopy(clip)
         mm.attach(model, mm.AdapterConfig.from_dict(dict(options)))
+        model.to(device)
         params = [p for p in model.parameters() if p.requires_grad]
         variants[name] = _step_fn(model.encode_image, params, images, prototypes, labels)
         trainable[name] = sum(p.numel() for p in params)
-    ladder = LadderCLIP.build(copy.deepcopy(clip), QLadderConfig())
+    ladder = LadderCLIP.build(copy.deepcopy(clip), QLadderConfig()).to(device)
+    clip.to(device)  # the frozen forward's model, moved last so that the copies above start on the CPU
     params = [p for p in ladder.ladder.parameters() if p.requires_grad]
     variants["qladder"] = _step_fn(ladder.encode_image, params, images, prototypes, labels)
     trainable["qladder"] = sum(p.numel() for p in params)
@@ -88,18 +94,28 @@ def main(argv: list[str] | None = None) -> str:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     parser.add_argument("--clock", choices=sorted(benchlib.CLOCKS), default="wall")
+    benchlib.add_device_option(parser)
     args = parser.parse_args(argv)
+    device = benchlib.check_device(parser, args.device)
+    if args.clock != "wall" and benchlib.is_cuda(device):
+        parser.error(f"--clock {args.clock}: only the wall clock measures GPU work (--device {device})")
     import torch
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    variants, trainable = build_variants(args.model, args.batch, args.image)
-    timings = benchlib.time_interleaved(variants, rounds=args.rounds, steps=1, warmup=1, clock=args.clock)
+    variants, trainable = build_variants(args.model, args.batch, args.image, device=device)
+    timings = benchlib.time_interleaved(variants, rounds=args.rounds, steps=1, warmup=1, clock=args.clock,
+                                        device=device)
     base = timings["frozen forward"].median_ms
+    header = ["variant", "trainable params", f"ms ({args.clock})", "x frozen forward"]
     rows = [[name, f"{trainable[name]:,}", f"{t.median_ms:.1f}", f"{t.median_ms / base:.2f}x"]
             for name, t in timings.items()]
-    table = benchlib.markdown_table(["variant", "trainable params", f"ms ({args.clock})", "x frozen forward"], rows)
-    print(f"{args.model}, batch {args.batch}, {args.image}px, {torch.get_num_threads()} thread(s), "
+    if benchlib.is_cuda(device):  # the allocator's peak is exact in-process (RSS is not: CPU runs skip it)
+        header.append(benchlib.memory_label(device))
+        for row, step in zip(rows, variants.values(), strict=True):
+            row.append(benchlib.cuda_peak_mib(step, device)["growth_mib"])
+    table = benchlib.markdown_table(header, rows)
+    print(f"{args.model}, batch {args.batch}, {args.image}px, {benchlib.describe_device(device)}, "
           f"median of {args.rounds} interleaved rounds\n")
     print(table)
     return table

@@ -11,6 +11,7 @@ q,k,v,o,gate,up,down. Measured in one run, timed in interleaved rounds (see benc
     .venv/bin/python scripts/bench_lora.py             # full size, wall clock: 3-13 minutes on 2 cores
     .venv/bin/python scripts/bench_lora.py --threads 1 --clock cpu   # steadier on a shared machine
     .venv/bin/python scripts/bench_lora.py --quick     # tiny model: a smoke test of the script
+    .venv/bin/python scripts/bench_lora.py --device cuda   # on a GPU: synchronised timing, CUDA peak memory
 
 On an oversubscribed machine two torch threads spend much of the wall time waiting for each other, so
 wall-clock figures swing by tens of percent; one thread timed in process CPU seconds is far steadier.
@@ -48,8 +49,9 @@ def _llama(sizes: dict):
     return benchlib.bench_llama(seed=0, **model_sizes)
 
 
-def _batch(sizes: dict) -> dict:
-    return benchlib.bench_batch(batch=sizes["batch"], seq=sizes["seq"], vocab=sizes["vocab"], seed=0)
+def _batch(sizes: dict, device: str = "cpu") -> dict:
+    batch = benchlib.bench_batch(batch=sizes["batch"], seq=sizes["seq"], vocab=sizes["vocab"], seed=0)
+    return benchlib.to_device(batch, device)
 
 
 def build_mmtune(sizes: dict):
@@ -128,16 +130,18 @@ def limit_fn(base, batch: dict) -> Callable[[], None]:
     return limit
 
 
-def setup(row: str, **sizes) -> Callable[[], None]:
-    """Build only what ``row`` needs and return its step (benchlib.peak_rss_mib calls this in a child)."""
-    batch = _batch(sizes)
+def setup(row: str, device: str = "cpu", **sizes) -> Callable[[], None]:
+    """Build only what ``row`` needs on ``device`` and return its step (benchlib.peak_memory_mib calls
+    this in a child)."""
+    batch = _batch(sizes, device)
     if row == "base_forward":
-        return forward_fn(build_frozen_base(sizes), batch)
+        return forward_fn(build_frozen_base(sizes).to(device), batch)
     if row == "limit":
-        return limit_fn(build_frozen_base(sizes), batch)
+        return limit_fn(build_frozen_base(sizes).to(device), batch)
     mm_model = build_mmtune(sizes)
     model = build_peft_like(mm_model, sizes) if row.startswith("peft") else mm_model
     del mm_model  # a PEFT child keeps only its own model (the copy source is freed before measuring)
+    model.to(device)
     return train_step_fn(model, batch) if row.endswith("train") else forward_fn(model, batch)
 
 
@@ -157,14 +161,16 @@ def trainable(model) -> int:
     return sum(p.numel() for p in model.parameters() if p.requires_grad)
 
 
-def measure(sizes: dict, rounds: int, steps: int, memory: bool, clock: str = "wall") -> tuple[dict, dict, dict]:
+def measure(sizes: dict, rounds: int, steps: int, memory: bool, clock: str = "wall",
+            device: str = "cpu") -> tuple[dict, dict, dict]:
     """(median ms per row, peak MiB per row or {}, trainable params per tool)."""
     import torch
 
-    batch = _batch(sizes)
-    base = build_frozen_base(sizes)
+    batch = _batch(sizes, device)
+    base = build_frozen_base(sizes).to(device)
     mm_model = build_mmtune(sizes)
-    peft_model = build_peft_like(mm_model, sizes)
+    peft_model = build_peft_like(mm_model, sizes).to(device)
+    mm_model.to(device)
     assert_same_outputs(mm_model, peft_model, base, batch)
     params = {"mmtune": trainable(mm_model), "PEFT": trainable(peft_model)}
     steps_by_row = {
@@ -174,18 +180,20 @@ def measure(sizes: dict, rounds: int, steps: int, memory: bool, clock: str = "wa
     }
     print(f"timing {len(steps_by_row)} variants: {rounds} rounds x {steps} steps, "
           f"{torch.get_num_threads()} threads, {clock} clock", file=sys.stderr)
-    timings = benchlib.time_interleaved(steps_by_row, rounds=rounds, steps=steps, warmup=1, clock=clock)
+    timings = benchlib.time_interleaved(steps_by_row, rounds=rounds, steps=steps, warmup=1, clock=clock,
+                                        device=device)
     medians = {row: t.median_ms for row, t in timings.items()}
     peaks = {}
     if memory:
         del base, mm_model, peft_model, steps_by_row
         for row in ("limit", "mmtune_train", "peft_train"):
             print(f"peak memory: {row}", file=sys.stderr)
-            peaks[row] = benchlib.peak_rss_mib(__file__, "setup", {"row": row, **sizes}, steps=2)["growth_mib"]
+            peaks[row] = benchlib.peak_memory_mib(__file__, "setup", {"row": row, **sizes}, steps=2,
+                                                  device=device)["growth_mib"]
     return medians, peaks, params
 
 
-def report(medians: dict, peaks: dict, params: dict) -> str:
+def report(medians: dict, peaks: dict, params: dict, device: str = "cpu") -> str:
     limit = medians["limit"]
     rows = []
     for key, label in ROWS.items():
@@ -194,7 +202,7 @@ def report(medians: dict, peaks: dict, params: dict) -> str:
         rows.append([label, medians[key], f"{medians[key] / limit:.2f}x",
                      "-" if peak is None else peak, params[tool] if tool and key.endswith("train") else "-"])
     table = benchlib.markdown_table(
-        ["", "median ms", "x limit", "peak RSS growth MiB", "trainable params"], rows)
+        ["", "median ms", "x limit", benchlib.memory_label(device), "trainable params"], rows)
     ratios = [
         f"- training step, mmtune / PEFT: {medians['mmtune_train'] / medians['peft_train']:.3f}",
         f"- forward, mmtune / PEFT: {medians['mmtune_forward'] / medians['peft_forward']:.3f}",
@@ -210,14 +218,18 @@ def main(argv: list[str] | None = None) -> str:
     parser.add_argument("--clock", choices=sorted(benchlib.CLOCKS), default="wall",
                         help="'cpu': CPU seconds of this process, steadier on a loaded machine (use --threads 1)")
     args = parser.parse_args(argv)
+    device = benchlib.check_device(parser, args.device)
+    if args.clock != "wall" and benchlib.is_cuda(device):
+        parser.error(f"--clock {args.clock}: only the wall clock measures GPU work (--device {device})")
     import torch
 
     benchlib.set_threads(args.threads)
-    sizes = QUICK if args.quick else FULL
-    medians, peaks, params = measure(sizes, args.rounds, args.steps, memory=not args.no_memory, clock=args.clock)
+    sizes = benchlib.resolve_sizes(parser, QUICK if args.quick else FULL, args.size)
+    medians, peaks, params = measure(sizes, args.rounds, args.steps, memory=not args.no_memory, clock=args.clock,
+                                     device=device)
     shape = ", ".join(f"{k} {v}" for k, v in sizes.items())
-    text = (f"LoRA r={RANK} alpha={ALPHA} on {','.join(TARGETS)}; Llama {shape}; fp32 CPU, "
-            f"torch {torch.__version__}, {torch.get_num_threads()} threads, {args.clock} clock\n\n" + report(medians, peaks, params))
+    text = (f"LoRA r={RANK} alpha={ALPHA} on {','.join(TARGETS)}; Llama {shape}; {benchlib.describe_device(device)}, "
+            f"torch {torch.__version__}, {args.clock} clock\n\n" + report(medians, peaks, params, device))
     print(text)
     return text
 

@@ -197,8 +197,10 @@ def measure(sizes: dict, rounds: int, steps: int, memory: bool, device: str):
     load = router_stats(models["default"])[0].tokens_per_expert
     print(f"timing {len(ROWS)} variants: {rounds} rounds x {steps} steps on {device}, "
           f"{torch.get_num_threads()} threads", file=sys.stderr)
-    step = benchlib.time_interleaved({r: train_step_fn(m, batch, device) for r, m in models.items()}, rounds, steps)
-    block = benchlib.time_interleaved({r: block_fn(m, sizes, device) for r, m in models.items()}, rounds, steps)
+    step = benchlib.time_interleaved({r: train_step_fn(m, batch, device) for r, m in models.items()}, rounds, steps,
+                                     device=device)
+    block = benchlib.time_interleaved({r: block_fn(m, sizes, device) for r, m in models.items()}, rounds, steps,
+                                      device=device)
     peaks = {}
     if memory and device.startswith("cuda"):
         peaks = cuda_peaks(models, batch, device)
@@ -240,19 +242,16 @@ def report(step: dict, block: dict, peaks: dict, params: dict) -> str:
 
 def main(argv: list[str] | None = None) -> str:
     parser = benchlib.bench_parser(__doc__.splitlines()[0], rounds=4)
-    parser.add_argument("--device", default="cpu", help="cpu (default) or cuda[:N]")
     args = parser.parse_args(argv)
+    benchlib.check_device(parser, args.device)  # --device comes from benchlib.bench_parser
     import torch
 
     benchlib.set_threads(args.threads)
-    if args.device.startswith("cuda") and not torch.cuda.is_available():
-        parser.error(f"--device {args.device}: torch sees no CUDA device on this machine")
-    sizes = QUICK if args.quick else FULL
+    sizes = benchlib.resolve_sizes(parser, QUICK if args.quick else FULL, args.size)
     step, block, peaks, params, load = measure(sizes, args.rounds, args.steps, not args.no_memory, args.device)
     shape = ", ".join(f"{k} {v}" for k, v in sizes.items())
-    where = torch.cuda.get_device_name(args.device) if args.device.startswith("cuda") else (
-        f"CPU, {torch.get_num_threads()} threads")
-    text = (f"Adapters on {','.join(TARGETS)}; Llama {shape}; fp32 on {where}, torch {torch.__version__}; "
+    text = (f"Adapters on {','.join(TARGETS)}; Llama {shape}; {benchlib.describe_device(args.device)}, "
+            f"torch {torch.__version__}; "
             f"tokens per expert in layer 0: {load}\n\n" + report(step, block, peaks, params))
     print(text)
     return text

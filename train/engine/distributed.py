@@ -174,6 +174,13 @@ def setup_name(accelerator) -> str:
     return "ddp" if accelerator.num_processes > 1 else "single"
 
 
+def cuda_peak_mib(accelerator) -> float | None:
+    """This rank's CUDA allocator peak so far in MiB (summary.json, bench_train_scaling), None off the GPU."""
+    if accelerator.device.type != "cuda":
+        return None
+    return torch.cuda.max_memory_allocated(accelerator.device) / 2**20
+
+
 def before_prepare(accelerator, task: nn.Module) -> None:
     """FSDP2: shard each transformer block of a Hugging Face model inside ``task`` as its own unit (the
     blocks its ``_no_split_modules`` names), so a forward gathers one block at a time, not the model."""
