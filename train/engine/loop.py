@@ -36,6 +36,7 @@ from train.engine.config import OptimConfig, Recipe, save_resolved
 from train.engine.distributed import (
     after_prepare,
     before_prepare,
+    cuda_peak_mib,
     is_deepspeed,
     make_accelerator,
     rank_disagreement,
@@ -321,7 +322,7 @@ def write_summary(result: RunResult, accelerator, disagreement: float) -> Path:
         "step": result.step, "processes": accelerator.num_processes, "setup": setup_name(accelerator),
         "final_loss": result.losses.get(result.step), "eval": result.eval_metrics,
         "step_time_s": result.step_time_s, "skipped_steps": result.skipped_steps,
-        "rank_disagreement": disagreement,
+        "rank_disagreement": disagreement, "cuda_peak_mib": cuda_peak_mib(accelerator),
         "checkpoint": str(result.checkpoint) if result.checkpoint else None,
         "resumed_from": str(result.resumed_from) if result.resumed_from else None,
     }
