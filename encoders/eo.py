@@ -17,7 +17,8 @@ i mod 3; scaled by 3/N so a grey scene answers as in RGB). ViT position embeddin
 chip size differs. ``feature_maps`` gives the multi-scale maps a segmentation decoder reads.
 
 Adapters attach with ``mm.attach(tower, mm.LoRAConfig(targets=tower.default_targets))``: a ViT's
-``qkv``, ``proj``, ``fc1``, ``fc2`` linears; a ResNet's linear ``neck`` (identity at init).
+``qkv``, ``proj``, ``fc1``, ``fc2`` linears; a ResNet's block convolutions (``conv1``/``conv2``/``conv3``,
+LoRA on convolutions) and its linear ``neck`` (identity at init).
 """
 
 from __future__ import annotations
@@ -33,7 +34,8 @@ from mm.errors import MMTuneError
 
 #: Adapter targets of a timm ViT tower: attention qkv / output and both MLP layers of every block.
 VIT_TARGETS = ["qkv", "proj", "fc1", "fc2"]
-RESNET_TARGETS = ["neck"]
+#: A ResNet's block convolutions (conv LoRA, mm.layer.AdaptedConv) and its linear neck.
+RESNET_TARGETS = ["conv1", "conv2", "conv3", "neck"]
 #: Prefixes under which checkpoints of other frameworks keep a backbone's keys (MoCo, DINO, Lightning).
 PREFIXES = ("module.encoder_q.", "module.base_encoder.", "module.backbone.", "module.", "backbone.", "model.",
             "encoder.", "teacher.backbone.", "student.backbone.")

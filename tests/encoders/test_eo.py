@@ -109,10 +109,12 @@ def test_fused_towers_concatenate_and_adapters_attach_to_default_targets():
         encoder({"s1grd": batch["s1grd"]})
 
 
-def test_resnet_tower_exposes_a_linear_neck_for_adapters():
+def test_resnet_tower_adapts_its_block_convs_and_linear_neck():
     tower = EOTower(EOTowerConfig(arch="resnet", model="resnet10t", in_chans=5))
     x = torch.randn(2, 5, 32, 32)
     tower.eval()
     assert torch.allclose(tower(x), tower.backbone(x))  # the neck starts as the identity
     mm.attach(tower, mm.LoRAConfig(targets=tower.default_targets, r=4))
-    assert [n for n, _ in mm.adapted_layers(tower)] == ["neck"]
+    adapted = [n for n, _ in mm.adapted_layers(tower)]
+    assert adapted[-1] == "neck" and len(adapted) == 4 * 2 + 1  # 4 stages x (conv1, conv2) + the neck
+    assert torch.allclose(tower(x), tower.backbone(x), atol=1e-5)  # LoRA starts as the identity update

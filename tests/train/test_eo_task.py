@@ -20,16 +20,20 @@ TINY = ["model.embed_dim=16", "model.depth=1", "model.num_heads=2", "model.decod
 EXPECTED = {"sar_only": {"mAP", "micro_f1"}, "s2_only": {"mAP"}, "fused": {"mAP", "macro_f1"},
             "multilabel": {"mAP", "rmse_builtup", "rmse_biomass", "rmse_elevation"},
             "landcover_segmentation": {"mIoU", "pixel_acc"}, "biomass_regression": {"rmse_biomass"},
-            "own_geotiffs": {"mIoU", "iou_10", "rmse_canopy"}}
+            "own_geotiffs": {"mIoU", "iou_10", "rmse_canopy"},
+            "resnet_conv_lora": {"mIoU", "iou_tree", "mAP"}}
 
 
 @pytest.fixture(scope="module")
 def roots(tmp_path_factory):
+    from data.fake_m3leo import make_fake_m3leo
     from data.fake_scenes import make_fake_scenes
 
     scenes = tmp_path_factory.mktemp("scenes")
     make_fake_scenes(scenes, n_scenes=1, size=64)
-    return str(tmp_path_factory.mktemp("eo_chips")), scenes
+    chips = tmp_path_factory.mktemp("eo_chips")
+    make_fake_m3leo(chips, n_chips=8, size=16)  # what data.synthetic would write for the TINY overrides
+    return str(chips), scenes
 
 
 def overrides(name: str, roots) -> list[str]:
@@ -49,7 +53,8 @@ def test_every_recipe_is_covered_and_validates():
         assert validate_config(str(CONFIGS / f"{name}.yaml")) is not None
 
 
-@pytest.mark.parametrize("name", RECIPES)
+# ResNet towers (timm's smallest, 5M parameters each) take ~10 s to build and step: slow.
+@pytest.mark.parametrize("name", [pytest.param(n, marks=pytest.mark.slow) if "resnet" in n else n for n in RECIPES])
 def test_recipe_steps_and_evaluates_training_only_adapters_and_heads(name, roots):
     from train.engine.task import get_task
 
