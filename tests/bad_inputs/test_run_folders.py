@@ -18,6 +18,13 @@ ROOT = Path(__file__).resolve().parents[2]
 RECIPE = str(ROOT / "configs" / "tiny" / "digits_lora.yaml")
 FAST = ["train.progress=false", "train.threads=1", "train.eval_every=0", "optim.warmup_steps=0"]
 
+#: Another process taking the run folder's lock as RunLock does (flock on .lock, its pid inside), without
+#: importing torch, so the test spends no time starting it.
+HOLDER = ("import fcntl, os, sys, time; os.makedirs(sys.argv[1], exist_ok=True); "
+          "fd = os.open(os.path.join(sys.argv[1], '.lock'), os.O_RDWR | os.O_CREAT); "
+          "fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB); os.write(fd, str(os.getpid()).encode()); "
+          "print('held', flush=True); time.sleep(600)")
+
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory) -> Path:
@@ -97,9 +104,7 @@ def test_generate_on_a_run_of_another_task(run, capsys) -> None:
 
 
 def test_train_on_a_folder_another_run_holds(run, capsys) -> None:
-    code = ("import sys, time; from train.engine.lock import RunLock; RunLock(sys.argv[1]).acquire(); "
-            "print('held', flush=True); time.sleep(600)")
-    holder = subprocess.Popen([sys.executable, "-c", code, str(run)], cwd=ROOT, stdout=subprocess.PIPE, text=True,
+    holder = subprocess.Popen([sys.executable, "-c", HOLDER, str(run)], cwd=ROOT, stdout=subprocess.PIPE, text=True,
                               env={**os.environ, "PYTHONPATH": str(ROOT)})
     try:
         assert holder.stdout.readline().strip() == "held"

@@ -20,11 +20,16 @@ from train.engine.lock import RunFolderBusyError, RunLock, holder_pid
 from train.engine.loop import train
 from train.engine.preflight import PreflightError
 
+#: Another process taking the run folder's lock as RunLock does (flock on .lock, its pid inside), without
+#: importing torch, so the test spends no time starting it.
+HOLDER = ("import fcntl, os, sys, time; os.makedirs(sys.argv[1], exist_ok=True); "
+          "fd = os.open(os.path.join(sys.argv[1], '.lock'), os.O_RDWR | os.O_CREAT); "
+          "fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB); os.write(fd, str(os.getpid()).encode()); "
+          "print('held', flush=True); time.sleep(600)")
+
 
 def _hold_lock_in_another_process(folder: Path) -> subprocess.Popen:
-    code = ("import sys, time; from train.engine.lock import RunLock; RunLock(sys.argv[1]).acquire(); "
-            "print('held', flush=True); time.sleep(600)")
-    proc = subprocess.Popen([sys.executable, "-c", code, str(folder)], cwd=ROOT, stdout=subprocess.PIPE,
+    proc = subprocess.Popen([sys.executable, "-c", HOLDER, str(folder)], cwd=ROOT, stdout=subprocess.PIPE,
                             env={**os.environ, "PYTHONPATH": str(ROOT)}, text=True)
     assert proc.stdout.readline().strip() == "held"
     return proc
