@@ -99,7 +99,7 @@ def test_rules_are_validated_when_the_recipe_loads(tmp_path):
     with pytest.raises(ConfigError, match=r"set adapters.default.alpha equal to its r=4"):
         recipe("digits_allora", tmp_path, "adapters.default.alpha=8")
     with pytest.raises(ConfigError, match=r"allora is AdamW or plain SGD"):
-        recipe("digits_allora", tmp_path, "optim.momentum=0.9")
+        recipe("digits_allora", tmp_path, "optim.name=sgd", "optim.momentum=0.9")
     zero2 = f"train.deepspeed={ROOT / 'configs' / 'deepspeed' / 'zero2.json'}"
     with pytest.raises(ConfigError, match=r"lisa freezes layers between steps, which DeepSpeed"):
         recipe("digits_lisa", tmp_path, zero2)
@@ -218,7 +218,7 @@ def test_lisa_trains_only_the_drawn_layers_and_resumes_on_the_same_draws(tmp_pat
 
 def test_allora_scales_each_rows_step_by_its_norm(tmp_path):
     run = recipe("digits_allora", tmp_path, "train.rules=[{name: allora, eta: 4}, test_recorder]",
-                 "train.max_steps=3", "optim.warmup_steps=0", "train.clip_norm=null")
+                 "train.max_steps=3", "optim.name=sgd", "optim.warmup_steps=0", "train.clip_norm=null")
     train(run)
     rec = Recorder.last
     assert isinstance(rec.optimizer, ALLoRA)
