@@ -196,6 +196,9 @@ def main(argv: list[str] | None = None) -> str:
     parser.add_argument("--workloads", nargs="+", default=["linear", "llama"], choices=["linear", "llama"])
     parser.add_argument("--methods", nargs="+", default=None, help="default: every registered method")
     args = parser.parse_args(argv)
+    tables = QUICK if args.quick else FULL
+    known = sorted({key for table in tables.values() for key in table})
+    all_sizes = {w: benchlib.resolve_sizes(parser, table, args.size, known) for w, table in tables.items()}
     device = benchlib.check_device(parser, args.device)
     import torch
 
@@ -204,9 +207,6 @@ def main(argv: list[str] | None = None) -> str:
     benchlib.set_threads(args.threads)
     methods = args.methods or mm.ADAPTERS.names()
     methods = ["lora"] + [m for m in methods if m != "lora"]  # the baseline first
-    tables = QUICK if args.quick else FULL
-    known = sorted({key for table in tables.values() for key in table})
-    all_sizes = {w: benchlib.resolve_sizes(parser, table, args.size, known) for w, table in tables.items()}
     sections = [f"Adapter methods vs LoRA at r={RANK}; {benchlib.describe_device(device)}, torch {torch.__version__}; "
                 f"peak MiB = {benchlib.memory_label(device)}"]
     print(sections[0], flush=True)

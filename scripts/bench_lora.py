@@ -218,13 +218,13 @@ def main(argv: list[str] | None = None) -> str:
     parser.add_argument("--clock", choices=sorted(benchlib.CLOCKS), default="wall",
                         help="'cpu': CPU seconds of this process, steadier on a loaded machine (use --threads 1)")
     args = parser.parse_args(argv)
+    sizes = benchlib.resolve_sizes(parser, QUICK if args.quick else FULL, args.size)
     device = benchlib.check_device(parser, args.device)
     if args.clock != "wall" and benchlib.is_cuda(device):
         parser.error(f"--clock {args.clock}: only the wall clock measures GPU work (--device {device})")
     import torch
 
     benchlib.set_threads(args.threads)
-    sizes = benchlib.resolve_sizes(parser, QUICK if args.quick else FULL, args.size)
     medians, peaks, params = measure(sizes, args.rounds, args.steps, memory=not args.no_memory, clock=args.clock,
                                      device=device)
     shape = ", ".join(f"{k} {v}" for k, v in sizes.items())

@@ -243,11 +243,11 @@ def report(step: dict, block: dict, peaks: dict, params: dict) -> str:
 def main(argv: list[str] | None = None) -> str:
     parser = benchlib.bench_parser(__doc__.splitlines()[0], rounds=4)
     args = parser.parse_args(argv)
+    sizes = benchlib.resolve_sizes(parser, QUICK if args.quick else FULL, args.size)
     benchlib.check_device(parser, args.device)  # --device comes from benchlib.bench_parser
     import torch
 
     benchlib.set_threads(args.threads)
-    sizes = benchlib.resolve_sizes(parser, QUICK if args.quick else FULL, args.size)
     step, block, peaks, params, load = measure(sizes, args.rounds, args.steps, not args.no_memory, args.device)
     shape = ", ".join(f"{k} {v}" for k, v in sizes.items())
     text = (f"Adapters on {','.join(TARGETS)}; Llama {shape}; {benchlib.describe_device(args.device)}, "

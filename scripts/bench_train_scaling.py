@@ -27,6 +27,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "scripts"))  # benchlib, when imported from elsewhere
+sys.path.insert(1, str(ROOT))  # the mmtune packages (the recipe check) when run from a checkout
 
 import benchlib  # noqa: E402
 
@@ -66,6 +67,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="recipe overrides for every run")
     benchlib.add_device_option(parser)
     args = parser.parse_args(argv)
+    try:  # the recipe and overrides, checked before any run starts
+        from train.engine.config import load_recipe
+
+        load_recipe(ROOT / args.recipe, list(args.set))
+    except Exception as err:  # noqa: BLE001  (ConfigError, OSError, YAML errors alike)
+        parser.error(f"--recipe {args.recipe} --set {' '.join(args.set)}: {err}")
     device = benchlib.check_device(parser, args.device)
     if benchlib.is_cuda(device):
         import torch
