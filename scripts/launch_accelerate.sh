@@ -10,10 +10,10 @@
 set -euo pipefail
 DEFAULT_MODE=ddp
 source "$(dirname "$0")/launch_common.sh"
-has_gpu=$("$python" -c 'import torch; print(int(torch.cuda.is_available()))')
 extra=()
 case $mode in
   ddp)
+    has_gpu=$("$python" -c 'import torch; print(int(torch.cuda.is_available()))')
     if [[ $has_gpu != 1 ]]; then export ACCELERATE_USE_CPU=1; fi ;;
   zero2|zero3)
     unset ACCELERATE_USE_CPU  # it would make accelerate drop DeepSpeed
