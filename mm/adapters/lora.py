@@ -57,7 +57,7 @@ class LoRAConfig(AdapterConfig):
 
 
 def _init_a(lora_a: nn.Parameter, config: LoRAConfig) -> None:
-    if config.init == "kaiming":  # on a conv weight, fan_in is in/groups * kernel, as PEFT's nn.Conv A
+    if config.init == "kaiming":  # on a conv weight fan_in = in/groups * kernel, what each rank sees
         nn.init.kaiming_uniform_(lora_a, a=math.sqrt(5))
     else:
         nn.init.normal_(lora_a, std=1.0 / config.r)
