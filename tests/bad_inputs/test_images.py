@@ -221,18 +221,25 @@ def test_output_folder_that_is_a_file_is_named_before_any_work(dataset, tmp_path
 
 @pytest.mark.slow  # two CLI runs with a linear probe: about 15 s
 def test_16_bit_dataset_gives_the_8_bit_results(tmp_path, capsys):
-    """The same pictures as 8-bit and as 16-bit PNGs: identical accuracies (the 16-bit ones used to read
-    as white squares)."""
+    """The same grey pictures as 8-bit and as 16-bit PNGs: identical accuracies (16-bit grey PNGs used to
+    read as white squares; 16-bit RGB ones Pillow scales itself)."""
     eight = make_fake_fewshot_dataset(tmp_path / "eight", "folder", train_per_class=2, test_per_class=2, size=32)
     deep = tmp_path / "deep"
     for png in eight.rglob("*.png"):
+        with Image.open(png) as colour:
+            grey = np.asarray(colour.convert("L"))
+        write_png(png, grey)
         target = deep / png.relative_to(eight)
         target.parent.mkdir(parents=True, exist_ok=True)
-        write_png(target, np.asarray(Image.open(png)).astype(np.uint16) * 257)
+        write_png(target, grey.astype(np.uint16) * 257)
     (deep / "classes.txt").write_text((eight / "classes.txt").read_text())
+    from encoders.clip import create_clip, save_clip_weights
+
+    weights = save_clip_weights(create_clip("tiny-test", seed=0).model, tmp_path / "clip.safetensors")  # one model
     accuracies = []
     for data, out in ((eight, tmp_path / "out8"), (deep, tmp_path / "out16")):
-        result = fewshot(data, out, capsys, "--methods", "zero-shot", "linear-probe", "--shots", "2")
+        result = fewshot(data, out, capsys, "--methods", "zero-shot", "linear-probe", "--shots", "2",
+                         "--pretrained", str(weights))
         assert result.code == 0, result.err
         records = json.loads((out / "fewshot_results.json").read_text())["records"]
         accuracies.append([(r["method"], r["accuracy"]) for r in records])
