@@ -174,16 +174,26 @@ class GeoTIFFChips:
         if not self.chips:
             raise M3LEOError(paths[first_name][0], f"every chip was dropped: {dict(self.dropped)} (chip_size "
                              f"{size}, max_nodata {config.max_nodata})")
-        order = np.random.default_rng(config.split_seed).permutation(len(self.chips))
-        n_val = max(1, int(round(config.val_fraction * len(self.chips)))) if len(self.chips) > 1 else 0
-        self.split_index = {"val": sorted(order[:n_val].tolist()), "train": sorted(order[n_val:].tolist())}
+        self.split_index = self._split(len(paths[first_name]))
         if not self.split_index["train"]:
-            raise M3LEOError(paths[first_name][0], f"only {len(self.chips)} chip(s): none left for training")
+            raise M3LEOError(paths[first_name][0], f"only {len(self.chips)} chip(s) in {len(paths[first_name])} "
+                             f"scene(s): none left for training (split_by {config.split_by})")
         self.targets = [Target(f"{n}_map" if p.target == "segmentation" else n, p.target, len(p.classes or []),
                                tuple(str(c) for c in p.classes or [])) if p.kind == "categorical"
                         else Target(n, "regression") for n, p in config.labels.items()]
         self.band_names = {n: r.names for n, r in self.readers[0].items() if not n.startswith("label:")}
         self.stats = self._statistics() if config.normalize else {}
+
+    def _split(self, n_scenes: int) -> dict[str, list[int]]:
+        """Chip indices of train and val: random chips, or (split_by: scene) every chip of held-out scenes."""
+        rng = np.random.default_rng(self.config.split_seed)
+        if self.config.split_by == "scene":
+            held = set(rng.permutation(n_scenes)[: max(1, round(self.config.val_fraction * n_scenes))].tolist())
+            val = [i for i, (scene, _) in enumerate(self.chips) if scene in held and n_scenes > 1]
+        else:
+            n_val = max(1, int(round(self.config.val_fraction * len(self.chips)))) if len(self.chips) > 1 else 0
+            val = rng.permutation(len(self.chips))[:n_val].tolist()
+        return {"val": sorted(val), "train": sorted(set(range(len(self.chips))) - set(val))}
 
     def _drop_reason(self, readers: dict[str, AlignedReader], first: str, window: Any) -> str:
         raster = readers[first].read(window)

@@ -90,6 +90,8 @@ class GeoTIFFDataConfig:
         "help": "Drop a chip whose first input has more than this fraction of nodata pixels (counted, logged)."})
     val_fraction: float = field(default=0.2, metadata={"help": "Fraction of chips held out for evaluation."})
     split_seed: int = field(default=0, metadata={"help": "Seed of the train/val assignment of chips."})
+    split_by: Literal["chip", "scene"] = field(default="chip", metadata={
+        "help": "Hold out random chips, or whole scenes (no neighbouring chips on both sides; needs 2+ scenes)."})
     normalize: bool = field(default=True, metadata={"help": "Standardise each band by train-chip mean/std."})
 
     def __post_init__(self) -> None:

@@ -43,6 +43,8 @@ WORLDCOVER_CLASSES = (
     (90, "herbaceous wetland"), (95, "mangroves"), (100, "moss and lichen"),
 )
 WORLDCOVER_CODES = tuple(code for code, _ in WORLDCOVER_CLASSES)
+#: Short names for metric keys (iou_tree, iou_water, ...), in the same order.
+WORLDCOVER_SHORT = ("tree", "shrub", "grass", "crop", "built", "bare", "snow", "water", "wetland", "mangrove", "moss")
 
 
 class M3LEOError(MMTuneError, ValueError):

@@ -51,6 +51,16 @@ def test_scenes_are_chipped_with_counted_drops_and_georeferenced_samples(scenes)
     assert np.allclose(sample["landsat"].numpy(), expected, atol=1e-6)
 
 
+def test_whole_scenes_can_be_held_out(scenes):
+    root, _ = scenes
+    config = declare(root)
+    config.split_by = "scene"
+    chips = GeoTIFFChips(config)
+    scene_of = {split: {chips.chips[i][0] for i in chips.split_index[split]} for split in ("train", "val")}
+    assert len(scene_of["val"]) == 1 and not scene_of["train"] & scene_of["val"]
+    assert len(chips.split_index["train"]) + len(chips.split_index["val"]) == len(chips.chips)
+
+
 def test_labels_are_reprojected_onto_the_scene_grid(scenes):
     root, files = scenes
     chips = GeoTIFFChips(declare(root))

@@ -19,7 +19,7 @@ TINY = ["model.embed_dim=16", "model.depth=1", "model.num_heads=2", "model.decod
         "data.fake_size=16", "train.batch_size=4", "train.progress=false", "train.eval_every=0"]
 EXPECTED = {"sar_only": {"mAP", "micro_f1"}, "s2_only": {"mAP"}, "fused": {"mAP", "macro_f1"},
             "multilabel": {"mAP", "rmse_builtup", "rmse_biomass", "rmse_elevation"},
-            "landcover_segmentation": {"mIoU", "pixel_acc"}, "biomass_regression": {"rmse_biomass"},
+            "landcover_segmentation": {"mIoU", "pixel_acc", "iou_tree"}, "biomass_regression": {"rmse_biomass"},
             "own_geotiffs": {"mIoU", "iou_10", "rmse_canopy"},
             "resnet_conv_lora": {"mIoU", "iou_tree", "mAP"}}
 

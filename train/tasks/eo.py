@@ -52,10 +52,9 @@ class EOTaskData(EODataConfig):
 
 def m3leo_targets(labels: list[str]) -> list[Any]:
     from data.geotiff import Target
-    from data.m3leo import REGRESSION_LABELS, WORLDCOVER_CLASSES
+    from data.m3leo_products import REGRESSION_LABELS, WORLDCOVER_SHORT
 
-    kinds = {"landcover": "presence", "landcover_map": "segmentation"}
-    names = tuple(name.split(" ")[0].replace("-", "") for _, name in WORLDCOVER_CLASSES)  # tree, shrubland, ...
+    names, kinds = WORLDCOVER_SHORT, {"landcover": "presence", "landcover_map": "segmentation"}
     return [Target(label, kinds[label], len(names), names) if label in kinds else Target(label, "regression")
             for label in labels if label in kinds or label in REGRESSION_LABELS]
 
