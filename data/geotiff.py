@@ -169,11 +169,12 @@ class GeoTIFFChips:
                         self.dropped[reason] += 1
                     else:
                         self.chips.append((len(self.readers) - 1, window))
-        for reason, count in self.dropped.items():
-            log.warning("geotiff chips: dropped %d of %d (%s)", count, count + len(self.chips), reason)
         if not self.chips:
             raise M3LEOError(paths[first_name][0], f"every chip was dropped: {dict(self.dropped)} (chip_size "
                              f"{size}, max_nodata {config.max_nodata})")
+        total = len(self.chips) + sum(self.dropped.values())
+        for reason, count in self.dropped.items():
+            log.warning("geotiff chips: dropped %d of %d (%s)", count, total, reason)
         self.split_index = self._split(len(paths[first_name]))
         if not self.split_index["train"]:
             raise M3LEOError(paths[first_name][0], f"only {len(self.chips)} chip(s) in {len(paths[first_name])} "
