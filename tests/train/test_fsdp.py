@@ -20,7 +20,7 @@ from train_helpers import FAST, ROOT, csv_losses, digits_recipe
 from mm.config import ConfigError
 from train.engine.checkpoint import load_trainable
 from train.engine.config import load_recipe
-from train.engine.distributed import fsdp_unit_classes, make_accelerator
+from train.engine.distributed import fsdp_unit_classes, make_accelerator, validate_accelerate_config
 from train.engine.loop import train
 from train.tasks.digits import DigitsClassification
 
@@ -49,6 +49,16 @@ def test_fsdp_without_launcher_or_with_fsdp1_is_a_config_error(env, expected, tm
         monkeypatch.setenv(key, value)
     with pytest.raises(ConfigError, match=expected):
         make_accelerator(digits_recipe(tmp_path))
+
+
+def test_the_fsdp2_launcher_config_is_valid_and_fsdp1_is_refused(tmp_path):
+    config = validate_accelerate_config(ROOT / "configs" / "accelerate" / "fsdp2.yaml")
+    assert config.fsdp_config["fsdp_version"] == 2
+    fsdp1 = tmp_path / "configs" / "accelerate" / "fsdp1.yaml"
+    fsdp1.parent.mkdir(parents=True)
+    fsdp1.write_text("distributed_type: FSDP\nfsdp_config:\n  fsdp_version: 1\n")
+    with pytest.raises(ConfigError, match="fsdp1.yaml: key 'fsdp_config.fsdp_version' must be 2"):
+        validate_accelerate_config(fsdp1)
 
 
 @pytest.fixture(scope="module")

@@ -368,4 +368,9 @@ def validate_accelerate_config(path: str | Path) -> Any:
             raise ConfigError(f"{path}: key 'deepspeed_config.deepspeed_config_file' must name an existing "
                               f"JSON relative to {root}, got {ds_file!r}")
         validate_deepspeed_config(root / ds_file)
+    if str(config.distributed_type) in ("FSDP", "DistributedType.FSDP"):
+        version = (config.fsdp_config or {}).get("fsdp_version")
+        if version != 2:
+            raise ConfigError(f"{path}: key 'fsdp_config.fsdp_version' must be 2 (mmtune shards with FSDP2 only), "
+                              f"got {version!r}")
     return config
