@@ -11,6 +11,11 @@ divided by sqrt(singular value) with ``whiten``) and B = 0, so the model starts 
 stays alpha / r on every layer whatever its new rank (PEFT's ``adjust_scaling_factors=True`` gives the
 same). A layer may end with rank 0: it keeps an empty adapter.
 
+Padding: when a batch is a mapping with an ``attention_mask`` (B, S), only the inputs at its real
+positions enter the statistics of layers whose inputs are (B, S, features), and with ``use_label_mask``
+(default, as PEFT) positions whose ``labels`` equal ``label_mask_value`` are left out too (PEFT's
+``prepare_model_inputs_fn_language_modeling``). ``initialize(token_mask=...)`` replaces that rule.
+
 Use:  ``mm.attach(model, EVAConfig(targets=...))`` then ``mm.adapters.eva.initialize(model, batches)``,
 and only then build the optimizer (initialising replaces the adapter modules). The ranks are recorded
 in the config (``rank_pattern``), so a saved EVA adapter loads onto a fresh base without data.
@@ -47,6 +52,10 @@ class EVAConfig(LoRAConfig):
     rho: float = field(default=2.0, metadata={"help": "Rank redistribution: a layer gets at most round(rho*r)."})
     tau: float = field(default=0.99, metadata={"help": "Components have converged at |cos| >= tau between steps."})
     whiten: bool = field(default=False, metadata={"help": "Divide each row of A by sqrt(its singular value)."})
+    use_label_mask: bool = field(default=True, metadata={
+        "help": "Also leave out of the statistics the positions whose batch 'labels' equal label_mask_value "
+                "(PEFT's default); padding ('attention_mask' 0) is always left out."})
+    label_mask_value: int = field(default=-100, metadata={"help": "The label of positions to leave out."})
     rank_pattern: dict[str, int] | None = field(
         default=None,
         metadata={"help": "Layer name -> rank, written by initialize(); a config carrying it builds adapters "
@@ -201,17 +210,36 @@ def _eva_layers(model: nn.Module, name: str) -> list[tuple[str, AdaptedLinear]]:
     return layers
 
 
-class _Collector:
-    """Forward pre-hook feeding a layer's inputs to its PCA; rows are pooled until there are k of them."""
+def default_token_mask(batch: Any, config: EVAConfig) -> torch.Tensor | None:
+    """The (B, S) bool mask of the positions whose inputs count (PEFT's rule for language modelling): a
+    mapping batch's ``attention_mask``, and'ed with ``labels != label_mask_value`` under ``use_label_mask``;
+    None (every position counts) for other batches."""
+    if not isinstance(batch, Mapping) or batch.get("attention_mask") is None:
+        return None
+    mask = torch.as_tensor(batch["attention_mask"]).bool()
+    labels = batch.get("labels")
+    if config.use_label_mask and labels is not None:
+        mask = mask & (torch.as_tensor(labels) != config.label_mask_value)
+    return mask
 
-    def __init__(self, pca: IncrementalPCA) -> None:
-        self.pca, self.active, self.pending = pca, True, []
+
+class _Collector:
+    """Forward pre-hook feeding a layer's inputs to its PCA; rows are pooled until there are k of them.
+
+    ``masks["batch"]``, set before each forward, keeps only the real positions of inputs shaped like it."""
+
+    def __init__(self, pca: IncrementalPCA, masks: dict[str, torch.Tensor | None]) -> None:
+        self.pca, self.active, self.pending, self.masks = pca, True, [], masks
 
     def __call__(self, module: nn.Module, args: tuple) -> None:
         if not self.active:
             return
         x = args[0].detach()
-        self.pending.append(x.reshape(-1, x.shape[-1]))
+        mask = self.masks.get("batch")
+        if mask is not None and tuple(x.shape[:-1]) == tuple(mask.shape):
+            self.pending.append(x[mask.to(x.device)])
+        else:
+            self.pending.append(x.reshape(-1, x.shape[-1]))
         if sum(rows.shape[0] for rows in self.pending) >= self.pca.k:
             self.pca.update(torch.cat(self.pending))
             self.pending = []
@@ -220,10 +248,12 @@ class _Collector:
 def _calibrate(
     model: nn.Module, layers: list[tuple[str, AdaptedLinear]], config: EVAConfig, batches: Iterable[Any],
     forward_fn: Callable[[nn.Module, Any], Any], max_passes: int,
+    token_mask: Callable[[Any, EVAConfig], torch.Tensor | None],
 ) -> tuple[dict[str, IncrementalPCA], dict[str, int]]:
     """Run batches (re-iterating up to ``max_passes`` times) until every layer's needed components converge."""
     caps = {n: min(round(config.rho * config.r), layer.in_features) for n, layer in layers}
-    collectors = {n: _Collector(IncrementalPCA(caps[n])) for n, _ in layers}
+    masks: dict[str, torch.Tensor | None] = {}
+    collectors = {n: _Collector(IncrementalPCA(caps[n]), masks) for n, _ in layers}
     handles = [layer.register_forward_pre_hook(collectors[n]) for n, layer in layers]
     ranks = {n: min(config.r, caps[n]) for n, _ in layers}
     done, passes = False, 0
@@ -232,6 +262,7 @@ def _calibrate(
             while passes < max_passes:
                 passes += 1
                 for batch in batches:
+                    masks["batch"] = token_mask(batch, config)
                     forward_fn(model, batch)
                     pcas = {n: c.pca for n, c in collectors.items()}
                     if all(p.components is not None for p in pcas.values()):
@@ -259,19 +290,21 @@ def _calibrate(
 def initialize(
     model: nn.Module, batches: Iterable[Any], name: str = "default",
     forward_fn: Callable[[nn.Module, Any], Any] = default_forward, max_passes: int = 10,
+    token_mask: Callable[[Any, EVAConfig], torch.Tensor | None] = default_token_mask,
 ) -> dict[str, int]:
     """Initialise EVA adapter ``name`` from the inputs its layers see on ``batches``; returns the ranks.
 
-    ``forward_fn(model, batch)`` runs one batch (default: ``default_forward``). The adapter adds nothing
-    while the activations are collected; other active adapters take part as they are. Layers' adapter
-    modules are replaced by ones of the redistributed ranks, so make the optimizer afterwards.
+    ``forward_fn(model, batch)`` runs one batch (default: ``default_forward``); ``token_mask(batch, config)``
+    gives the positions that count (default: ``default_token_mask``: padding and -100 labels out). The
+    adapter adds nothing while the activations are collected; other active adapters take part as they are.
+    Layers' adapter modules are replaced by ones of the redistributed ranks, so make the optimizer afterwards.
     """
     layers = _eva_layers(model, name)
     config = layers[0][1].adapters[name].config
     for _, layer in layers:
         layer.adapters[name].calibrating = True
     try:
-        pcas, ranks = _calibrate(model, layers, config, batches, forward_fn, max_passes)
+        pcas, ranks = _calibrate(model, layers, config, batches, forward_fn, max_passes, token_mask)
     finally:
         for _, layer in layers:
             layer.adapters[name].calibrating = False

@@ -191,3 +191,58 @@ def test_parity_with_peft_eva(scales):
         assert cosines.min() > 0.999, f"{name}: {cosines.tolist()}"
         assert peft_layer.scaling["default"] == pytest.approx(adapter.scaling)
         assert torch.count_nonzero(peft_layer.lora_B["default"].weight) == 0
+
+
+# ---- padding and label masks (PEFT's prepare_model_inputs_fn_language_modeling)
+
+
+def padded_batches(n: int = 12) -> tuple[list[dict], list[torch.Tensor]]:
+    """Sequence batches (4, 6, 12) with ragged lengths, their padding filled with huge values, and the real
+    positions alone as flat row batches (the same rows, in the same order)."""
+    gen = torch.Generator().manual_seed(3)
+    padded, real = [], []
+    for _ in range(n):
+        x = torch.randn(4, 6, 12, generator=gen) * torch.tensor(SPREAD)
+        lengths = torch.randint(2, 7, (4,), generator=gen)
+        mask = (torch.arange(6)[None] < lengths[:, None]).long()
+        x = torch.where(mask[..., None].bool(), x, torch.full_like(x, 50.0))  # padding that would dominate
+        padded.append({"x": x, "attention_mask": mask})
+        real.append(x[mask.bool()])
+    return padded, real
+
+
+def run_x(model, batch):
+    return model(batch["x"] if isinstance(batch, dict) else batch)
+
+
+def test_padded_positions_stay_out_of_the_statistics():
+    padded, real = padded_batches()
+    masked_model = tiny_mlp()
+    mm.attach(masked_model, EVAConfig(targets=TARGETS, r=4, alpha=8.0))
+    masked_ranks = eva.initialize(masked_model, padded, forward_fn=run_x)
+    plain_model = tiny_mlp()
+    mm.attach(plain_model, EVAConfig(targets=TARGETS, r=4, alpha=8.0))
+    plain_ranks = eva.initialize(plain_model, real, forward_fn=run_x)
+    assert masked_ranks == plain_ranks
+    for name in TARGETS:  # the stats of the unpadded tokens alone (up to matmul rounding on other shapes)
+        masked_A = getattr(masked_model, name).adapters["default"].lora_A
+        torch.testing.assert_close(masked_A, getattr(plain_model, name).adapters["default"].lora_A,
+                                   rtol=1e-4, atol=1e-5)
+    unmasked = tiny_mlp()  # without the mask the padding rows dominate the first principal direction
+    mm.attach(unmasked, EVAConfig(targets=TARGETS, r=4, alpha=8.0))
+    eva.initialize(unmasked, padded, forward_fn=run_x, token_mask=lambda batch, config: None)
+    first = unmasked.fc1.adapters["default"].lora_A[0]
+    assert abs(float(first @ masked_model.fc1.adapters["default"].lora_A[0])) < 0.9
+
+
+def test_label_mask_follows_use_label_mask():
+    padded, _ = padded_batches(1)
+    labels = torch.full((4, 6), 7)
+    labels[:, :2] = -100  # e.g. prompt tokens
+    batch = {**padded[0], "labels": labels}
+    config = EVAConfig(targets=TARGETS, r=4)
+    expected = padded[0]["attention_mask"].bool() & (labels != -100)
+    assert torch.equal(eva.default_token_mask(batch, config), expected)
+    no_labels = EVAConfig(targets=TARGETS, r=4, use_label_mask=False)
+    assert torch.equal(eva.default_token_mask(batch, no_labels), padded[0]["attention_mask"].bool())
+    assert eva.default_token_mask(padded[0]["x"], config) is None  # a plain tensor batch: every position
