@@ -115,22 +115,21 @@ class AlignedReader:
         from rasterio.vrt import WarpedVRT
 
         nodata = self.tag if self.tag is not None else self.product.nodata
+        outside = None
         with rasterio.open(self.path) as src:
             if self.same_grid:
                 raw = src.read([i + 1 for i in self.index], window=window)
             else:
                 resampling = Resampling.nearest if self.product.kind == "categorical" else Resampling.bilinear
-                fill = nodata if nodata is not None else (np.nan if self.dtype.kind == "f" else 0)
+                # Without a nodata value the footprint comes from an alpha band, so genuine zeros stay valid.
+                extra = {"src_nodata": nodata, "nodata": nodata} if nodata is not None else {"add_alpha": True}
                 with WarpedVRT(src, crs=self.grid.crs, transform=self.grid.transform, width=self.grid.width,
-                               height=self.grid.height, resampling=resampling, src_nodata=nodata,
-                               nodata=fill) as vrt:
+                               height=self.grid.height, resampling=resampling, **extra) as vrt:
                     raw = vrt.read([i + 1 for i in self.index], window=window)
-                    outside = vrt.read_masks(1, window=window) == 0  # beyond the source's footprint
-                raw = raw.astype(np.float64) if self.dtype.kind == "f" else raw
-                if outside.any():
-                    nodata = fill
+                    if nodata is None:  # the alpha band (the last) is 0 beyond the source's footprint
+                        outside = vrt.read(vrt.count, window=window) == 0
         valid = valid_mask(raw, nodata)
-        if not self.same_grid:
+        if outside is not None:
             valid &= ~outside[None]
         values = physical(raw, valid, self.product.scale, self.product.offset)
         return Raster(values, valid, self.names, str(self.grid.crs), tuple(self.grid.transform)[:6])

@@ -117,6 +117,23 @@ def test_genuine_zeros_stay_valid_without_a_nodata_tag_and_declared_nodata_appli
     declared = GeoTIFFChips(GeoTIFFDataConfig(inputs={"dem": {"files": str(path), "nodata": 0}}, labels=labels,
                                               chip_size=8, val_fraction=0.5, normalize=False))
     assert int((~declared.sample(0)["dem_mask"]).sum()) == 1
+    # Warped from another CRS with no tag: only pixels beyond the file's footprint are invalid, not its zeros.
+    geographic = tmp_path / "dem_4326.tif"
+    with rasterio.open(geographic, "w", driver="GTiff", height=8, width=8, count=1, dtype="int16",
+                       crs="EPSG:4326", transform=Affine(1e-4, 0, 15.0, 0, -1e-4, 7.2e-4)) as dst:
+        dst.write(np.zeros((1, 8, 8), np.int16))
+    inputs = {"dem": {"files": str(path)}, "flat": {"files": str(geographic)}}
+    with rasterio.open(geographic) as src:
+        from rasterio.warp import transform_bounds
+
+        utm = transform_bounds(src.crs, "EPSG:32633", *src.bounds)
+    with rasterio.open(path, "r+") as dst:  # put the DEM under the geographic file's footprint
+        dst.transform = Affine(10, 0, utm[0] - 20, 0, -10, utm[3] + 20)
+    warped = GeoTIFFChips(GeoTIFFDataConfig(inputs=inputs, labels=labels, chip_size=8, val_fraction=0.5,
+                                            normalize=False)).sample(0)
+    inside = warped["flat_mask"][0]
+    assert inside.any() and not inside.all()  # the footprint covers part of the chip
+    assert (warped["flat"][0][inside] == 0).all()  # and the zeros inside it stay valid
 
 
 def test_a_float_raster_declared_categorical_is_a_dtype_error(scenes):
