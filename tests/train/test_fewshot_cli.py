@@ -160,3 +160,14 @@ def test_report_json_has_null_not_nan(tmp_path):
     path = write_progress({"settings": {}, "classes": ["a"], "records": [record]}, tmp_path)["json"]
     saved = json.loads(path.read_text(), parse_constant=pytest.fail)  # NaN/Infinity would call parse_constant
     assert saved["records"][0]["accuracy"] is None and saved["records"][0]["train_seconds"] is None
+
+
+def test_default_recipe_folders_hold_the_default_methods():
+    """The defaults point at the repository's configs/ (they once pointed inside train/ after a move)."""
+    from train.tasks.demo import DEMO_RECIPES
+    from train.tasks.fewshot import DEFAULT_METHODS, FewShotSettings, check_methods
+
+    assert DEFAULT_RECIPES == ROOT / "configs" / "clip" and DEMO_RECIPES == ROOT / "configs" / "clip" / "demo"
+    recipes = check_methods(FewShotSettings(model="tiny-test", data="unused"))
+    assert sorted(recipes) == sorted(set(DEFAULT_METHODS) - {"zero-shot", "linear-probe"})
+    assert {p.stem for p in DEMO_RECIPES.glob("*.yaml")} >= {"lora", "block_lora", "qladder"}

@@ -23,7 +23,7 @@ import torch.nn.functional as F
 DIGIT_NAMES = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"]
 CAPTION_TEMPLATES = ["a photo of a {}.", "a handwritten {}.", "the digit {}.", "a picture of the number {}."]
 DEMO_MODEL = "tiny-digits"
-DEMO_RECIPES = Path(__file__).resolve().parents[1] / "configs" / "clip" / "demo"
+DEMO_RECIPES = Path(__file__).resolve().parents[2] / "configs" / "clip" / "demo"  # train/tasks/ -> repo root
 
 
 @dataclass

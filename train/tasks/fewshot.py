@@ -31,7 +31,7 @@ from mm.qladder import QLadderConfig, load_qladder, save_qladder
 
 BUILTIN_METHODS = ("zero-shot", "linear-probe")
 DEFAULT_METHODS = ("zero-shot", "linear-probe", "lora", "block_lora", "qladder")
-DEFAULT_RECIPES = Path(__file__).resolve().parents[1] / "configs" / "clip"
+DEFAULT_RECIPES = Path(__file__).resolve().parents[2] / "configs" / "clip"  # train/tasks/ -> repo root
 OPTIM_KEYS = {"lr", "weight_decay", "batch_size", "steps", "steps_per_shot"}
 RECIPE_KEYS = {"description", "adapters", "qladder", "optim"}
 
