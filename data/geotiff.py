@@ -21,8 +21,8 @@ from typing import Any
 
 import numpy as np
 
+from data.band_stats import BandStats, merge_moments
 from data.geotiff_config import GeoTIFFDataConfig, RasterProduct
-from data.m3leo import BandStats, merge_moments
 from data.m3leo_products import M3LEOError
 from data.raster import Raster, open_geotiff, physical, valid_mask
 

@@ -30,6 +30,7 @@ from typing import Any, Literal
 
 import numpy as np
 
+from data.band_stats import BandStats, merge_moments, write_json
 from data.m3leo_io import GunwSelection, match_bands, read_product
 from data.m3leo_products import (  # noqa: F401  (re-exported: callers import them from data.m3leo)
     GSSIC_BANDS,
@@ -46,7 +47,7 @@ from data.m3leo_products import (  # noqa: F401  (re-exported: callers import th
     M3LEOError,
     Product,
 )
-from data.raster import Raster
+from data.raster import Raster, resize_masked
 from mm.config import ConfigError
 
 LABELS = {**LABELS, "landcover_map": "esaworldcover"}
@@ -81,6 +82,9 @@ class M3LEODataConfig:
     presence_threshold: float = field(
         default=0.01, metadata={"help": "A land-cover class is present when it covers at least this fraction "
                                         "of the chip's valid pixels."})
+    resize: dict[str, int] = field(default_factory=dict, metadata={
+        "help": "Input product -> chip size in pixels to resample to (e.g. {gssic: 48}: the 90 m grids may differ "
+                "by a cell between chips); masked, antialiased bilinear."})
 
     def __post_init__(self) -> None:
         self.validate()
@@ -103,6 +107,9 @@ class M3LEODataConfig:
                 raise ConfigError(f"data: key 'labels' has unknown label {label!r}; known: {', '.join(LABELS)}")
         if not 0.0 <= self.presence_threshold < 1.0:
             raise ConfigError(f"data: key 'presence_threshold' must be in [0, 1), got {self.presence_threshold}")
+        unknown = sorted(set(self.resize) - set(self.modalities))
+        if unknown or any(not isinstance(v, int) or v < 2 for v in self.resize.values()):
+            raise ConfigError(f"data: key 'resize' maps input products to a size >= 2, got {self.resize!r}")
         if self.gunw_min_days > self.gunw_max_days:
             raise ConfigError("data: key 'gunw_min_days' is larger than 'gunw_max_days'")
 
@@ -188,6 +195,7 @@ class M3LEODataset:
         self.label_products = list(dict.fromkeys(LABELS[label] for label in config.labels))
         self.skipped: dict[str, str] = {}
         self.band_names: dict[str, list[str]] = {}
+        self.grids: dict[str, tuple[int, ...]] = {}
         self.ids = self._usable(read_split(config.split_file, split))
         if self.skipped:
             logging.getLogger(__name__).warning("m3leo %s: skipped %d chip(s): %s", split, len(self.skipped),
@@ -232,6 +240,10 @@ class M3LEODataset:
                 known = self.band_names.setdefault(product, raster.bands)
                 if raster.bands != known:
                     raise M3LEOError(path, f"bands {raster.bands[:4]}... differ from {known[:4]}... of other chips")
+            grid = self.grids.setdefault(product, raster.values.shape[-2:])
+            if raster.values.shape[-2:] != grid and product not in self.config.resize:
+                raise M3LEOError(path, f"{product} grid {raster.values.shape[-2:]} differs from {grid} of other "
+                                 f"chips; set data.resize.{product} to resample")
             if first is None:
                 first = (path, raster)
                 continue
@@ -243,6 +255,8 @@ class M3LEODataset:
         raster = self.read(product, identifier)
         if product == "s1grd" and self.config.sar_db:
             raster.values, raster.valid = to_db(raster.values, raster.valid)
+        if product in self.config.resize:
+            raster.values, raster.valid = resize_masked(raster.values, raster.valid, self.config.resize[product])
         return raster
 
     def _statistics(self) -> dict[str, BandStats]:
@@ -312,33 +326,6 @@ class M3LEODataset:
 # ---------------------------------------------------------------------------- helpers
 
 
-@dataclass
-class BandStats:
-    product: str
-    bands: list[str]
-    mean: list[float]
-    std: list[float]
-    count: list[float]
-    chips: int
-
-    def arrays(self) -> tuple[np.ndarray, np.ndarray]:
-        return np.asarray(self.mean, np.float32)[:, None, None], np.asarray(self.std, np.float32)[:, None, None]
-
-
-def merge_moments(acc: np.ndarray, values: np.ndarray, valid: np.ndarray) -> None:
-    """Fold one chip into per-band (count, mean, M2) rows of ``acc`` (Chan et al.'s pairwise update)."""
-    for b in range(values.shape[0]):
-        x = values[b][valid[b]].astype(np.float64)
-        if x.size == 0:
-            continue
-        n_a, mean_a, m2_a = acc[b]
-        n_b, mean_b = float(x.size), float(x.mean())
-        m2_b = float(((x - mean_b) ** 2).sum())
-        n = n_a + n_b
-        delta = mean_b - mean_a
-        acc[b] = (n, mean_a + delta * n_b / n, m2_a + m2_b + delta * delta * n_a * n_b / n)
-
-
 def georef(raster: Raster) -> dict[str, Any]:
     """``crs`` (string, '' when unknown), ``transform`` (6,) and ``bounds`` (4,) float64 tensors."""
     import torch
@@ -371,15 +358,6 @@ def _replace(config: M3LEODataConfig, **changes: Any) -> M3LEODataConfig:
     values = asdict(config)
     values.update(changes)
     return M3LEODataConfig(**values)
-
-
-def write_json(path: Path, data: dict[str, Any]) -> None:
-    from mm.state import atomic_write
-
-    def write(tmp: str) -> None:
-        Path(tmp).write_text(json.dumps(data, indent=1))
-
-    atomic_write(path, write)
 
 
 def _preview(skipped: dict[str, str], limit: int = 3) -> str:

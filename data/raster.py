@@ -131,3 +131,18 @@ def netcdf_georef(ds: Any, path: str | Path) -> tuple[str | None, tuple[float, .
             crs = ds[name].attrs.get("crs_wkt") or ds[name].attrs.get("spatial_ref")
             break
     return crs, (dx, 0.0, float(x[0]) - dx / 2, 0.0, dy, float(y[0]) - dy / 2)
+
+
+def resize_masked(values: np.ndarray, valid: np.ndarray, size: int) -> tuple[np.ndarray, np.ndarray]:
+    """(C, H, W) values and mask resampled to (C, size, size): an antialiased bilinear mean of the valid
+    pixels only (invalid zeros do not bleed in); a pixel is valid where over half its support was."""
+    import torch
+    import torch.nn.functional as F
+
+    mask = torch.from_numpy(valid).float()[None]
+    weighted = torch.from_numpy(values * valid)[None]
+    kwargs = {"size": (size, size), "mode": "bilinear", "align_corners": False, "antialias": True}
+    num, den = F.interpolate(weighted, **kwargs)[0], F.interpolate(mask, **kwargs)[0]
+    out = torch.where(den > 1e-3, num / den.clamp_min(1e-3), torch.zeros(()))
+    keep = den > 0.5
+    return torch.where(keep, out, torch.zeros(())).numpy().astype(np.float32), keep.numpy()

@@ -256,3 +256,18 @@ def test_split_file_problems_name_the_file_and_never_fall_back_to_fake_chips(tmp
     with pytest.raises(M3LEOError, match="split file not found .*only with data.synthetic: true"):
         ensure_chips(EODataConfig(split_file=typo, fake_root=str(tmp_path / "gen"), fake_chips=4))
     assert not (tmp_path / "gen").exists()
+
+
+def test_a_gssic_grid_that_differs_by_a_cell_is_named_unless_resampled(fresh_split):
+    path = _train_chip(fresh_split, "gssic", 1)
+    with xr.open_dataset(path) as ds:
+        x, y = ds["x"].values, ds["y"].values
+        finer = ds.interp(x=np.linspace(x[0], x[-1], 3), y=np.linspace(y[0], y[-1], 3)).load()
+    finer.to_netcdf(path, mode="w")  # 3 x 3 cells where the other chips have 2 x 2
+    modalities = {"s1grd": None, "gssic": ["coherence_*"]}
+    with pytest.raises(M3LEOError, match=r"gssic grid \(3, 3\) differs from \(2, 2\) .*data.resize.gssic"):
+        M3LEODataset(config(fresh_split, modalities=modalities, labels=["landcover"]))
+    dataset = M3LEODataset(config(fresh_split, modalities=modalities, labels=["landcover"], resize={"gssic": 4}))
+    batch = torch.utils.data.default_collate([dataset[i] for i in range(len(dataset))])
+    assert batch["gssic"].shape[-2:] == (4, 4) and torch.isfinite(batch["gssic"]).all()
+    assert batch["gssic_mask"].float().mean() > 0.9
