@@ -7,6 +7,7 @@
 
 from mm.adapters import ADAPTERS, Adapter, NotMergeableError
 from mm.adapters.lora import LoRAConfig
+from mm.compose import merge_adapters
 from mm.config import AdapterConfig, ConfigError
 from mm.errors import MMTuneError
 from mm.layer import AdaptedLinear
@@ -39,6 +40,6 @@ __all__ = [
     "MMTuneError",
     "LoRAConfig", "NotMergeableError", "TrainableReport", "active_adapters", "adapted_layers", "adapter_config",
     "adapter_names", "attach", "delete_adapter", "disable_adapters", "export_peft", "import_peft",
-    "list_adapters", "load_adapters", "merge", "route", "save_adapters", "select_targets", "set_active",
+    "list_adapters", "load_adapters", "merge", "merge_adapters", "route", "save_adapters", "select_targets", "set_active",
     "trainable_report", "unmerge",
 ]
