@@ -31,6 +31,7 @@ from data.fake_geotiff import (
 )
 from data.m3leo import M3LEODataConfig
 from data.m3leo_products import GSSIC_DIMS, PRODUCTS, SEASONS, M3LEOError
+from mm.config import ConfigError
 
 #: The release's gssic and gunw grids are 90 m against 10 m; the fake coarsens by 4 so tiny chips keep cells.
 COARSE = 4
@@ -165,6 +166,12 @@ class EODataConfig(M3LEODataConfig):
     fake_chips: int = field(default=120, metadata={"help": "Generated chips (synthetic: true)."})
     fake_size: int = field(default=32, metadata={"help": "Generated chip size in pixels."})
     fake_seed: int = field(default=0, metadata={"help": "Seed of the generated chips."})
+
+    def validate(self) -> None:
+        super().validate()
+        if self.synthetic and self.split_file:
+            raise ConfigError("data: keys 'split_file' and 'synthetic: true' both given; train on the split file "
+                              "(synthetic: false) or on generated chips, not a guess between them")
 
 
 def ensure_chips(data: EODataConfig) -> M3LEODataConfig:

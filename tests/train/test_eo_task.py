@@ -89,7 +89,7 @@ def test_recipe_errors_name_the_key():
         load_recipe(CONFIGS / "sar_only.yaml", ["data.synthetic=false"])
     with pytest.raises(mm.ConfigError, match="modalities.s2srm': band 'B99' matches no band"):
         load_recipe(CONFIGS / "s2_only.yaml", ["data.modalities={s2srm: [B99]}"])
-    with pytest.raises(mm.ConfigError, match="'data.split_file' and 'data.synthetic: true' both given"):
+    with pytest.raises(mm.ConfigError, match="keys 'split_file' and 'synthetic: true' both given"):
         load_recipe(CONFIGS / "sar_only.yaml", ["data.split_file=x_splits.csv"])
     with pytest.raises(mm.ConfigError, match="'data.geotiff' must declare inputs and labels"):
         load_recipe(CONFIGS / "sar_only.yaml", ["data.source=geotiff"])

@@ -129,9 +129,6 @@ class EOTask(AdapterTask):
             raise mm.ConfigError(f"{recipe.source}: key 'data.geotiff' must declare inputs and labels (source: geotiff)")
         if data.source == "m3leo" and not data.split_file and not data.synthetic:
             raise mm.ConfigError(f"{recipe.source}: key 'data.split_file' is empty and 'data.synthetic' is false")
-        if data.source == "m3leo" and data.split_file and data.synthetic:
-            raise mm.ConfigError(f"{recipe.source}: keys 'data.split_file' and 'data.synthetic: true' both given; "
-                                 f"train on the split file (data.synthetic=false) or on generated chips")
         if recipe.model.train_towers and recipe.adapters:
             raise mm.ConfigError(f"{recipe.source}: key 'model.train_towers' trains whole towers; drop 'adapters'")
         if not recipe.model.train_towers and not recipe.adapters:
