@@ -193,7 +193,7 @@ def sample_k_shot(samples: Sequence[Sample], shots: int, seed: int, classes: Seq
                   ) -> list[Sample]:
     """Exactly ``shots`` samples of every label present, chosen by ``seed`` (independent of input order)."""
     if shots < 1:
-        raise ValueError(f"shots must be >= 1, got {shots}")
+        raise FewShotDataError(f"shots must be >= 1, got {shots}")
     by_label: dict[int, list[Sample]] = {}
     for sample in samples:
         by_label.setdefault(sample.label, []).append(sample)
@@ -232,5 +232,5 @@ def select_classes(data: FewShotData, which: str) -> FewShotData:
         return data
     base, novel = base_novel_classes(data.classes)
     if which not in ("base", "novel"):
-        raise ValueError(f"classes must be 'all', 'base' or 'novel', got {which!r}")
+        raise FewShotDataError(f"classes must be 'all', 'base' or 'novel', got {which!r}")
     return restrict_classes(data, base if which == "base" else novel)

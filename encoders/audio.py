@@ -96,8 +96,9 @@ class WhisperAudioEncoder(nn.Module):
 
     def forward(self, waveforms: torch.Tensor, lengths: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         if int(lengths.max()) > self.window_samples:
-            raise ValueError(f"audio of {int(lengths.max()) / SAMPLE_RATE:.2f} s is longer than the encoder's "
-                             f"{self.window_seconds:.2f} s window; cut the clips or use a larger window")
+            raise EncoderError(f"audio of {int(lengths.max()) / SAMPLE_RATE:.2f} s is longer than the encoder's "
+                               f"{self.window_seconds:.2f} s window; cut the clips (data.max_seconds) or use a "
+                               "larger window (model.audio.window_seconds)")
         # Zero the samples past each clip's end: a padded batch must encode as each clip alone would.
         keep = torch.arange(waveforms.shape[1], device=waveforms.device)[None] < lengths[:, None]
         mel = whisper_log_mel(waveforms * keep, self.n_mels, self.window_samples)
