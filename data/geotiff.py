@@ -142,7 +142,7 @@ class GeoTIFFChips:
         import rasterio
 
         self.config = config
-        first_name, first = next(iter(config.inputs.items()))
+        first_name = next(iter(config.inputs))
         self.readers: list[dict[str, AlignedReader]] = []
         self.chips: list[tuple[int, Any]] = []
         self.dropped: Counter[str] = Counter()
@@ -182,12 +182,20 @@ class GeoTIFFChips:
                                tuple(str(c) for c in p.classes or [])) if p.kind == "categorical"
                         else Target(n, "regression") for n, p in config.labels.items()]
         self.band_names = {n: r.names for n, r in self.readers[0].items() if not n.startswith("label:")}
+        for readers in self.readers[1:]:
+            for name, bands in self.band_names.items():
+                if len(readers[name].names) != len(bands):
+                    raise M3LEOError(readers[name].path, f"geotiff.inputs.{name}: {len(readers[name].names)} bands "
+                                     f"where {self.readers[0][name].path} gives {len(bands)}; declare the bands")
         self.stats = self._statistics() if config.normalize else {}
 
     def _split(self, n_scenes: int) -> dict[str, list[int]]:
         """Chip indices of train and val: random chips, or (split_by: scene) every chip of held-out scenes."""
         rng = np.random.default_rng(self.config.split_seed)
         if self.config.split_by == "scene":
+            if n_scenes < 2:
+                raise M3LEOError(self.readers[0][next(iter(self.readers[0]))].grid.path,
+                                 "split_by: scene needs 2 or more scenes (this is the only one); use split_by: chip")
             held = set(rng.permutation(n_scenes)[: max(1, round(self.config.val_fraction * n_scenes))].tolist())
             val = [i for i, (scene, _) in enumerate(self.chips) if scene in held and n_scenes > 1]
         else:
