@@ -9,6 +9,9 @@ non-negative weights of the samples in group j):
 
 With one-hot labels ``Pi`` is the usual class partition; MLC (heads/mlc.py) uses the n x n doubly stochastic
 membership, one group per sample.
+
+``epsilon`` (eps above) is the papers' distortion (Yu et al. 2020; Ding et al. 2023), squared inside the
+rates. The authors' code calls eps^2 ``eps`` (``p / (m * eps)``): their ``eps=0.5`` is ``epsilon = 0.707`` here.
 """
 
 from __future__ import annotations
@@ -39,15 +42,15 @@ def _logdet_spd(matrix: torch.Tensor) -> torch.Tensor:
     return _LogdetSPD.apply(matrix)
 
 
-def coding_rate(z: torch.Tensor, eps: float = 0.5) -> torch.Tensor:
-    """R(Z; eps): the rate of coding all n rows of ``z`` (n, d) up to distortion ``eps``."""
+def coding_rate(z: torch.Tensor, epsilon: float = 0.5) -> torch.Tensor:
+    """R(Z; epsilon): the rate of coding all n rows of ``z`` (n, d) up to distortion ``epsilon``."""
     n, d = z.shape
     gram = z.T @ z
-    return 0.5 * _logdet_spd(torch.eye(d, dtype=z.dtype, device=z.device) + (d / (n * eps * eps)) * gram)
+    return 0.5 * _logdet_spd(torch.eye(d, dtype=z.dtype, device=z.device) + (d / (n * epsilon**2)) * gram)
 
 
-def compress_rate(z: torch.Tensor, membership: torch.Tensor, eps: float = 0.5) -> torch.Tensor:
-    """R_c(Z, Pi; eps): the rate of coding each group of ``membership`` (k, n) separately, summed.
+def compress_rate(z: torch.Tensor, membership: torch.Tensor, epsilon: float = 0.5) -> torch.Tensor:
+    """R_c(Z, Pi; epsilon): the rate of coding each group of ``membership`` (k, n) separately, summed.
 
     Empty groups (zero total weight) contribute nothing.
     """
@@ -58,15 +61,15 @@ def compress_rate(z: torch.Tensor, membership: torch.Tensor, eps: float = 0.5) -
     # One GEMM of the memberships with the per-sample outer products z z^T, flattened to d*d columns.
     outer = (z[:, :, None] * z[:, None, :]).reshape(n, d * d)
     covariances = (membership.to(z.dtype) @ outer).reshape(-1, d, d)
-    scale = d / (weight.clamp_min(1e-12) * eps * eps)
+    scale = d / (weight.clamp_min(1e-12) * epsilon**2)
     eye = torch.eye(d, dtype=z.dtype, device=z.device)
     logdets = _logdet_spd(eye + scale[:, None, None] * covariances)
     return (weight / (2.0 * n) * logdets).sum()
 
 
-def rate_reduction(z: torch.Tensor, membership: torch.Tensor, eps: float = 0.5) -> torch.Tensor:
+def rate_reduction(z: torch.Tensor, membership: torch.Tensor, epsilon: float = 0.5) -> torch.Tensor:
     """Delta R = R(Z) - R_c(Z, Pi): large when groups are compact and mutually incoherent."""
-    return coding_rate(z, eps) - compress_rate(z, membership, eps)
+    return coding_rate(z, epsilon) - compress_rate(z, membership, epsilon)
 
 
 def one_hot_membership(labels: torch.Tensor, num_classes: int | None = None) -> torch.Tensor:
@@ -80,11 +83,11 @@ def one_hot_membership(labels: torch.Tensor, num_classes: int | None = None) -> 
 class MCR2Loss(nn.Module):
     """Supervised MCR2 loss ``-Delta R`` on unit-normalised features (minimise it)."""
 
-    def __init__(self, eps: float = 0.5, num_classes: int | None = None) -> None:
+    def __init__(self, epsilon: float = 0.5, num_classes: int | None = None) -> None:
         super().__init__()
-        self.eps, self.num_classes = eps, num_classes
+        self.epsilon, self.num_classes = epsilon, num_classes
 
     def forward(self, features: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         z = F.normalize(features.float(), dim=-1)
         membership = one_hot_membership(labels, self.num_classes).to(z.device)
-        return -rate_reduction(z, membership, self.eps)
+        return -rate_reduction(z, membership, self.epsilon)

@@ -5,6 +5,8 @@ together maximise the coding rate reduction, in minimisation form per mini-batch
 
     loss = -R(Z; eps) + R_c(Z, Gamma; eps) + gamma * (1/n) sum_ij Gamma_ij log Gamma_ij
     R_c(Z, Gamma; eps) = 1/(2n) sum_i logdet(I + d/eps^2 Z^T diag(Gamma_i) Z)     (each row sums to 1)
+
+(eps is the papers' epsilon, ``MLCConfig.epsilon``; see heads/mcr2.py for the authors' ``eps`` = eps^2.)
     Gamma = P_{Omega,eta}(C C^T):  argmin_{Gamma >= 0, Gamma 1 = 1, Gamma^T 1 = 1} -<C C^T, Gamma> + eta <Gamma, log Gamma>
 
 ``C`` are the unit-norm cluster-head outputs; the projection is Sinkhorn's algorithm (log domain) and is
@@ -28,7 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from heads.mcr2 import coding_rate, compress_rate
+from heads.mcr2 import coding_rate, compress_rate, one_hot_membership, rate_reduction
 
 
 def sinkhorn(scores: torch.Tensor, eta: float, iters: int = 5) -> torch.Tensor:
@@ -54,7 +56,9 @@ class MLCConfig:
     num_clusters: int = field(default=10, metadata={"help": "Clusters to report (spectral clustering on Gamma)."})
     z_dim: int = field(default=32, metadata={"help": "Feature (and cluster-head) dimension d."})
     hidden_dim: int = field(default=512, metadata={"help": "Width of the shared MLP before the two heads."})
-    eps: float = field(default=0.5, metadata={"help": "Distortion eps of the coding rates (squared inside)."})
+    epsilon: float = field(default=0.5, metadata={
+        "help": "The papers' distortion epsilon of the coding rates (squared inside; the authors' code calls "
+                "epsilon^2 'eps')."})
     gamma: float = field(default=0.1, metadata={"help": "Weight of the membership entropy regulariser."})
     eta: float = field(default=0.15, metadata={"help": "Entropic strength of the Sinkhorn projection."})
     sinkhorn_iters: int = field(default=5, metadata={"help": "Sinkhorn iterations per training step."})
@@ -77,7 +81,7 @@ class MLCConfig:
         for key in ("num_clusters", "z_dim", "hidden_dim", "batch_size", "sinkhorn_iters", "predict_iters"):
             if getattr(self, key) < 1:
                 raise ConfigError(f"mlc: key {key!r} must be >= 1, got {getattr(self, key)}")
-        for key in ("eps", "eta", "lr"):
+        for key in ("epsilon", "eta", "lr"):
             if getattr(self, key) <= 0:
                 raise ConfigError(f"mlc: key {key!r} must be > 0, got {getattr(self, key)}")
 
@@ -108,8 +112,8 @@ def similarity(c: torch.Tensor, config: MLCConfig) -> torch.Tensor:
 def mlc_loss(z: torch.Tensor, c: torch.Tensor, config: MLCConfig) -> tuple[torch.Tensor, dict[str, float]]:
     """The MLC objective on one mini-batch (minimise), and its parts for logging."""
     gamma = sinkhorn(similarity(c, config), config.eta, config.sinkhorn_iters)
-    expand = coding_rate(z, config.eps)
-    compress = compress_rate(z, gamma, config.eps)
+    expand = coding_rate(z, config.epsilon)
+    compress = compress_rate(z, gamma, config.epsilon)
     neg_entropy = (gamma * torch.log(gamma.clamp_min(1e-30))).sum() / z.shape[0]
     loss = -expand + compress + config.gamma * neg_entropy
     return loss, {"R": expand.item(), "Rc": compress.item(), "neg_entropy": neg_entropy.item()}
@@ -156,7 +160,7 @@ class MLC:
             for index in self._batches(len(x)):
                 z1, _ = self.net(augment(x[index], self.generator))
                 z2, _ = self.net(augment(x[index], self.generator))
-                rate = 0.5 * (coding_rate(z1, cfg.eps) + coding_rate(z2, cfg.eps))
+                rate = 0.5 * (coding_rate(z1, cfg.epsilon) + coding_rate(z2, cfg.epsilon))
                 loss = -rate - cfg.agreement * (z1 * z2).sum(-1).mean()
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
@@ -205,3 +209,12 @@ class MLC:
         model = SpectralClustering(self.config.num_clusters, affinity="precomputed",
                                    random_state=self.config.seed, assign_labels="kmeans")
         return model.fit_predict(affinity)
+
+    @torch.no_grad()
+    def rate_reduction_of(self, x: torch.Tensor, clusters: np.ndarray) -> float:
+        """Delta R(Z, Pi) of the fitted features of ``x`` under the hard partition ``clusters``: the MCR2
+        criterion MLC maximises, with no labels, so it can pick MLC's hyperparameters (gamma, eta) without
+        the evaluation labels."""
+        z, _ = self.embed(x)
+        membership = one_hot_membership(torch.as_tensor(np.asarray(clusters), dtype=torch.long))
+        return float(rate_reduction(z.double(), membership.double(), self.config.epsilon))

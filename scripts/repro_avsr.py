@@ -185,7 +185,7 @@ def pretrained_lm(root: str, texts: list[str], tokenizer: VocabTokenizer, steps:
         loss.backward()
         optimizer.step()
     atomic_write(path, lambda tmp: save_file(lm.state_dict(), tmp))
-    return lm.eval().requires_grad_(False), float(loss)
+    return lm.eval().requires_grad_(False), float(loss.detach())
 
 
 def build_model(kind: str, pretrained_lm, tokenizer, audio_enc, video_enc, args, seed: int) -> AVSRModel:

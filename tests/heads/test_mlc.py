@@ -53,6 +53,17 @@ def subspace_data(n_per: int = 100, k: int = 3, dim: int = 2, ambient: int = 16,
     return torch.tensor(x / np.linalg.norm(x, axis=1, keepdims=True), dtype=torch.float32), np.array(labels)
 
 
+def test_label_free_score_prefers_the_true_partition_to_a_shuffled_one():
+    """The score that picks gamma/eta in scripts/repro_mlc.py: Delta R of the learned features under a
+    clustering. Labels serve here only to build the two partitions being compared."""
+    x, labels = subspace_data(n_per=60)
+    model = MLC(16, MLCConfig(num_clusters=3, z_dim=8, hidden_dim=32, batch_size=90, init_epochs=3, epochs=0))
+    model.fit(x)
+    shuffled = np.random.default_rng(0).permutation(labels)
+    assert model.rate_reduction_of(x, labels) > model.rate_reduction_of(x, shuffled) + 0.1
+    assert model.rate_reduction_of(x, np.zeros_like(labels)) == pytest.approx(0.0, abs=1e-9)  # one group
+
+
 @pytest.mark.slow
 def test_mlc_clusters_well_separated_subspaces_far_above_chance():
     from sklearn.metrics import adjusted_rand_score
@@ -69,3 +80,5 @@ def test_config_errors_name_the_key():
 
     with pytest.raises(ConfigError, match="'eta' must be > 0"):
         MLCConfig(eta=0.0)
+    with pytest.raises(ConfigError, match="'epsilon' must be > 0"):
+        MLCConfig(epsilon=-1.0)
