@@ -72,6 +72,18 @@ def test_images_load_through_the_transform_and_text_only_records_have_none(tmp_p
     assert default.shape == (3, 4, 4) and default[0].min() == 1.0 and default[1].max() == 0.0
 
 
+def test_images_of_any_depth_read_scaled_and_a_broken_one_names_record_and_file(tmp_path, tokenizer):
+    from data.fake_images import write_png
+
+    write_png(tmp_path / "deep.png", np.full((4, 4), 128 * 257, np.uint16))  # 16-bit grey: mid grey, not white
+    (tmp_path / "cut.png").write_bytes((tmp_path / "deep.png").read_bytes()[:30])
+    path = write(tmp_path, [record("deep", image="deep.png"), record("cut", image="cut.png")], images=())
+    data = InstructDataset(path, tokenizer, template=TEMPLATE)
+    torch.testing.assert_close(data[0]["image"], torch.full((3, 4, 4), 128 / 255))
+    with pytest.raises(InstructDataError, match=r"data.json: record 'cut': .*cut.png: cannot read image"):
+        data[1]
+
+
 BAD = {
     "missing image": record("gone", image="nope.png"),
     "no placeholder": record("noph", question="what is this?"),
