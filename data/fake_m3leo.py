@@ -12,6 +12,7 @@ from __future__ import annotations
 import csv
 import dataclasses
 import datetime as dt
+import hashlib
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -144,8 +145,8 @@ def make_fake_m3leo(root: str | Path, n_chips: int = 24, size: int = 32, region:
     per_row = int(np.ceil(np.sqrt(n_chips)))
     rows = []
     for chip in range(n_chips):
-        identifier = f"{chip:013x}"  # the release names chips by a hex hash of their location
         origin = (500_000 + (chip % per_row) * size * PIXEL_M, 4_500_000 - (chip // per_row) * size * PIXEL_M)
+        identifier = hashlib.sha1(f"{region}:{origin}".encode()).hexdigest()[:13]  # the release: a location hash
         write_chip(region_dir / name, identifier, products or list(PRODUCTS), landcover_map(rng, size), origin,
                    rng, rng.random() < nodata_fraction, year, period)
         rows.append({"identifier": identifier, "split": split_of[chip]})
@@ -169,7 +170,7 @@ class EODataConfig(M3LEODataConfig):
 
     def validate(self) -> None:
         super().validate()
-        if self.synthetic and self.split_file:
+        if self.synthetic and (self.split_file or self.more_split_files):
             raise ConfigError("data: keys 'split_file' and 'synthetic: true' both given; train on the split file "
                               "(synthetic: false) or on generated chips, not a guess between them")
 

@@ -59,6 +59,9 @@ class M3LEODataConfig:
 
     split_file: str = field(default="", metadata={"help": "M3LEO split CSV (columns identifier, split); the "
                                                           "product folders sit beside it (see data/m3leo.py)."})
+    more_split_files: list[str] = field(default_factory=list, metadata={
+        "help": "Split CSVs of further regions trained together (the authors' baselines use five); one "
+                "normalisation over all their training chips."})
     year: int = field(default=2020, metadata={"help": "Product year in the folder names (s1grd-2020, ...)."})
     gunw_period: str = field(default="2020-01-01_2020-03-31", metadata={
         "help": "The gunw folder's period: gunw-<period> (M3LEO) or gunw_<period> (miniset)."})
@@ -196,7 +199,12 @@ class M3LEODataset:
         self.skipped: dict[str, str] = {}
         self.band_names: dict[str, list[str]] = {}
         self.grids: dict[str, tuple[int, ...]] = {}
-        self.ids = self._usable(read_split(config.split_file, split))
+        self.split_file_of: dict[str, str] = {}
+        for split_file in [config.split_file, *config.more_split_files]:
+            for identifier in read_split(split_file, split):
+                if self.split_file_of.setdefault(identifier, split_file) != split_file:
+                    raise M3LEOError(split_file, f"chip {identifier!r} is also in {self.split_file_of[identifier]}")
+        self.ids = self._usable(list(self.split_file_of))
         if self.skipped:
             logging.getLogger(__name__).warning("m3leo %s: skipped %d chip(s): %s", split, len(self.skipped),
                                                 _preview(self.skipped))
@@ -210,7 +218,8 @@ class M3LEODataset:
         return len(self.ids)
 
     def path(self, product: str, identifier: str) -> Path:
-        return chip_path(self.config.split_file, product, identifier, self.config.year, self.config.gunw_period)
+        return chip_path(self.split_file_of[identifier], product, identifier, self.config.year,
+                         self.config.gunw_period)
 
     def read(self, product: str, identifier: str, header_only: bool = False) -> Raster:
         patterns = self.config.modalities.get(product) if product in self.config.modalities else None
@@ -266,7 +275,9 @@ class M3LEODataset:
         out = {}
         for product, bands in self.band_names.items():
             key = json.dumps({"product": product, "bands": bands, "db": self.config.sar_db, "gunw": asdict(self.gunw),
-                              "split_file": str(Path(self.config.split_file).resolve()), "year": self.config.year,
+                              "split_files": [str(Path(f).resolve()) for f in [self.config.split_file,
+                                                                               *self.config.more_split_files]],
+                              "year": self.config.year, "resize": self.config.resize.get(product),
                               "chips": train.ids}, sort_keys=True)
             path = folder / f"{product}-{hashlib.sha1(key.encode()).hexdigest()[:16]}.json"
             if path.is_file():

@@ -271,3 +271,15 @@ def test_a_gssic_grid_that_differs_by_a_cell_is_named_unless_resampled(fresh_spl
     batch = torch.utils.data.default_collate([dataset[i] for i in range(len(dataset))])
     assert batch["gssic"].shape[-2:] == (4, 4) and torch.isfinite(batch["gssic"]).all()
     assert batch["gssic_mask"].float().mean() > 0.9
+
+
+def test_several_regions_train_together_with_one_normalisation(tmp_path):
+    conus = make_fake_m3leo(tmp_path, n_chips=5, size=8, region="conus", seed=1, products=["s1grd", "esaworldcover"])
+    europe = make_fake_m3leo(tmp_path, n_chips=5, size=8, region="europe", seed=2, products=["s1grd", "esaworldcover"])
+    cfg = config(conus, more_split_files=[str(europe)], modalities={"s1grd": ["*_vvasc"]}, labels=["landcover"])
+    both = M3LEODataset(cfg)
+    assert sorted(both.ids) == sorted(read_split(conus, "train") + read_split(europe, "train"))
+    assert {both.path("s1grd", i).parts[-4] for i in both.ids} == {"conus", "europe"}
+    assert both.stats["s1grd"].chips == len(both)
+    with pytest.raises(M3LEOError, match="split file not found"):
+        M3LEODataset(config(conus, more_split_files=[str(tmp_path / "x_splits.csv")], labels=["landcover"]))
