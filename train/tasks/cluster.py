@@ -148,7 +148,9 @@ def read_feature_npz(path: str | Path) -> tuple[np.ndarray, np.ndarray]:
     except (ValueError, OSError, EOFError, zipfile.BadZipFile) as err:
         if isinstance(err, MMTuneError):
             raise
-        raise ClusterDataError(f"{path}: not readable as {expected} ({type(err).__name__}: {err})") from None
+        # numpy's ValueError here advises allow_pickle=True (unsafe, and wrong for a CSV): not repeated
+        detail = "" if isinstance(err, ValueError) else f" ({type(err).__name__}: {err})"
+        raise ClusterDataError(f"{path}: not readable as {expected}{detail}") from None
     if x.dtype.kind not in "biuf" or y.dtype.kind not in "biuU":
         raise ClusterDataError(f"{path}: 'features' must be numbers and 'labels' numbers or strings, got "
                                f"dtypes {x.dtype} and {y.dtype}")
