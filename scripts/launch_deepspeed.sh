@@ -11,6 +11,9 @@
 # PYTHON overrides the interpreter. TERM/INT/HUP stop the whole job (the launcher waits for its workers).
 set -euo pipefail
 DEFAULT_MODE=zero2
+if [[ -n ${HOSTFILE:-} && -z ${NNODES:-} && -f $HOSTFILE ]]; then
+  NNODES=$(grep -cEv '^[[:space:]]*(#|$)' "$HOSTFILE")  # one node per host line
+fi
 source "$(dirname "$0")/launch_common.sh"
 case $mode in
   zero2|zero3) ds=$root/configs/deepspeed/$mode.json ;;

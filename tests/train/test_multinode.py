@@ -22,6 +22,7 @@ RUN = [f"train.max_steps={STEPS}", "adapters.default.dropout=0.0"]
 CASES = {  # name -> (launcher, mode, summary "setup")
     "accelerate-ddp": ("launch_accelerate.sh", "ddp", "ddp"),
     "deepspeed-zero3": ("launch_deepspeed.sh", "zero3", "deepspeed-zero3"),
+    "deepspeed-hostfile": ("launch_deepspeed.sh", "zero2", "deepspeed-zero2"),  # HOSTFILE + NODE_RANK, no NNODES
 }
 
 
@@ -43,6 +44,10 @@ def test_two_nodes_form_one_job_and_save_once(case, single_process, tmp_path):
     for rank in (0, 1):
         node_env = {**env, "NNODES": "2", "NODE_RANK": str(rank), "MASTER_ADDR": "127.0.0.1",
                     "MASTER_PORT": str(port)}
+        if case == "deepspeed-hostfile":  # DeepSpeed's own layout file; host names matter only to ssh
+            (tmp_path / "hostfile").write_text("# two nodes, one process each\nnode-a slots=1\nnode-b slots=1\n")
+            del node_env["NNODES"]
+            node_env["HOSTFILE"] = str(tmp_path / "hostfile")
         command = ["bash", str(ROOT / "scripts" / launcher), str(ROOT / "configs/tiny/digits_lora.yaml"), "1",
                    mode, *FAST, *RUN, "train.batch_size=16", f"train.out_dir={out_dir}"]
         nodes.append(subprocess.Popen(command, cwd=tmp_path, env=node_env, stdout=subprocess.PIPE,
