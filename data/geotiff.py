@@ -251,6 +251,14 @@ class GeoTIFFChips:
             sample.update(_label(name, product, readers[f"label:{name}"].read(window)))
         return sample
 
+    def labels(self, i: int) -> dict[str, Any]:
+        """The label entries of chip ``i`` alone (no input is read)."""
+        scene, window = self.chips[i]
+        out: dict[str, Any] = {}
+        for name, product in self.config.labels.items():
+            out.update(_label(name, product, self.readers[scene][f"label:{name}"].read(window)))
+        return out
+
     def dataset(self, split: str) -> ChipSplit:
         return ChipSplit(self, self.split_index[split])
 
@@ -284,3 +292,6 @@ class ChipSplit:
 
     def __getitem__(self, i: int) -> dict[str, Any]:
         return self.chips.sample(self.index[i])
+
+    def labels(self, i: int) -> dict[str, Any]:
+        return self.chips.labels(self.index[i])

@@ -313,6 +313,13 @@ class M3LEODataset:
             sample.update(self._labels(product, identifier))
         return sample
 
+    def labels(self, i: int) -> dict[str, Any]:
+        """The label entries of sample ``i`` alone (no input is read): fitting target scalings is cheap."""
+        out: dict[str, Any] = {}
+        for product in self.label_products:
+            out.update(self._labels(product, self.ids[i]))
+        return out
+
     def _labels(self, product: str, identifier: str) -> dict[str, Any]:
         import torch
 

@@ -106,7 +106,7 @@ class EOTask(AdapterTask):
                                                      for t in self.segmentation})
             self.regression_head = RegressionHead(encoder.feature_size, len(self.regression)) if self.regression else None
         if self.regression_head is not None:
-            targets, valid = self._regression_targets([self._train[i] for i in range(len(self._train))])
+            targets, valid = self._regression_targets([self._train.labels(i) for i in range(len(self._train))])
             self.regression_head.fit_scaling(targets, valid)
 
     @staticmethod
@@ -129,6 +129,8 @@ class EOTask(AdapterTask):
             raise mm.ConfigError(f"{recipe.source}: key 'data.geotiff' must declare inputs and labels (source: geotiff)")
         if data.source == "m3leo" and not data.split_file and not data.synthetic:
             raise mm.ConfigError(f"{recipe.source}: key 'data.split_file' is empty and 'data.synthetic' is false")
+        if data.source == "m3leo" and not data.labels:
+            raise mm.ConfigError(f"{recipe.source}: key 'data.labels' is empty; name at least one target")
         if recipe.model.train_towers and recipe.adapters:
             raise mm.ConfigError(f"{recipe.source}: key 'model.train_towers' trains whole towers; drop 'adapters'")
         if not recipe.model.train_towers and not recipe.adapters:
