@@ -40,11 +40,14 @@ export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
 # their own, so a signal to this script's process group alone would never reach them. Exits with its status.
 run_job() {
   "$@" &
-  local job=$! status=0
+  local job=$! status
   trap 'kill -TERM "$job" 2>/dev/null' TERM INT HUP
-  while kill -0 "$job" 2>/dev/null; do  # a trapped signal ends `wait` early: wait again for the real end
-    wait "$job"
-    status=$?
+  while true; do
+    status=0
+    wait "$job" || status=$?  # (`|| ...`: set -e must not end the script here)
+    # A trapped signal ends `wait` early (status > 128) while the job still runs: wait again.
+    if [[ $status -gt 128 ]] && kill -0 "$job" 2>/dev/null; then continue; fi
+    break
   done
   exit "$status"
 }
