@@ -1,9 +1,9 @@
-"""Word and character error rates (WER, CER) from a Levenshtein alignment.
+"""Word and character error rates (WER, CER), computed by ``jiwer`` on normalised text.
 
-Corpus-level, as speech recognition reports them (and as jiwer computes them): the edits (substitutions
-+ deletions + insertions) summed over all utterances, divided by the reference words (characters) summed
-over all utterances. Text is normalised first: lower case, punctuation other than apostrophes dropped,
-whitespace collapsed. Pure Python, no dependency.
+Corpus-level, as speech recognition reports them: the edits (substitutions + deletions + insertions)
+summed over all utterances, divided by the reference words (characters) summed over all utterances. Text
+is normalised first: lower case, punctuation other than apostrophes dropped, whitespace collapsed. CER
+counts the characters of the normalised text, spaces included (jiwer's ``cer``).
 """
 
 from __future__ import annotations
@@ -31,49 +31,53 @@ class EditCounts:
     def errors(self) -> int:
         return self.substitutions + self.deletions + self.insertions
 
-    def __add__(self, other: EditCounts) -> EditCounts:
-        return EditCounts(self.substitutions + other.substitutions, self.deletions + other.deletions,
-                          self.insertions + other.insertions, self.reference_length + other.reference_length)
+    @property
+    def rate(self) -> float | None:
+        """Errors per reference token; None when the reference is empty (the rate is undefined)."""
+        return self.errors / self.reference_length if self.reference_length else None
 
 
-def align(reference: Sequence, hypothesis: Sequence) -> EditCounts:
-    """Minimum-edit alignment of two token sequences, split into S, D and I (ties prefer substitution)."""
-    # Each cell holds (total, substitutions, deletions, insertions) of the best path to it.
-    previous = [(j, 0, 0, j) for j in range(len(hypothesis) + 1)]
-    for i, ref_token in enumerate(reference, start=1):
-        current = [(i, 0, i, 0)]
-        for j, hyp_token in enumerate(hypothesis, start=1):
-            diag = previous[j - 1]
-            match = ref_token == hyp_token
-            candidates = (
-                (diag[0] + (not match), diag[1] + (not match), diag[2], diag[3]),
-                (previous[j][0] + 1, previous[j][1], previous[j][2] + 1, previous[j][3]),  # deletion
-                (current[j - 1][0] + 1, current[j - 1][1], current[j - 1][2], current[j - 1][3] + 1),  # insertion
-            )
-            current.append(min(candidates, key=lambda c: c[0]))
-        previous = current
-    _, subs, dels, ins = previous[-1]
-    return EditCounts(subs, dels, ins, len(reference))
-
-
-def _rate(references: Sequence[str], hypotheses: Sequence[str], split) -> float:
+def _check(references: Sequence[str], hypotheses: Sequence[str]) -> tuple[list[str], list[str]]:
     if isinstance(references, str) or isinstance(hypotheses, str):
         raise TypeError("pass lists of utterances, not single strings")
     if len(references) != len(hypotheses):
         raise ValueError(f"{len(references)} references but {len(hypotheses)} hypotheses")
-    total = EditCounts()
-    for ref, hyp in zip(references, hypotheses, strict=True):
-        total = total + align(split(normalize_text(ref)), split(normalize_text(hyp)))
-    if total.reference_length == 0:
+    return [normalize_text(r) for r in references], [normalize_text(h) for h in hypotheses]
+
+
+def edit_counts(references: Sequence[str], hypotheses: Sequence[str], unit: str = "word") -> EditCounts:
+    """Summed S, D, I and reference length over utterances (``unit``: 'word' or 'char'), from jiwer's
+    minimum-edit alignment of the normalised texts. Empty references add nothing (jiwer rejects them)."""
+    import jiwer
+
+    refs, hyps = _check(references, hypotheses)
+    kept = [(r, h) for r, h in zip(refs, hyps, strict=True) if r]
+    inserted = sum(len(h.split() if unit == "word" else h) for r, h in zip(refs, hyps, strict=True) if not r)
+    if not kept:
+        return EditCounts(0, 0, inserted, 0)
+    process = jiwer.process_words if unit == "word" else jiwer.process_characters
+    out = process([r for r, _ in kept], [h for _, h in kept])
+    return EditCounts(out.substitutions, out.deletions, out.insertions + inserted,
+                      out.hits + out.substitutions + out.deletions)
+
+
+def _rate(references: Sequence[str], hypotheses: Sequence[str], unit: str) -> float:
+    counts = edit_counts(references, hypotheses, unit)
+    if counts.reference_length == 0:
         raise ValueError("the references are empty after normalisation: the error rate is undefined")
-    return total.errors / total.reference_length
+    return counts.errors / counts.reference_length
 
 
 def word_error_rate(references: Sequence[str], hypotheses: Sequence[str]) -> float:
     """Corpus WER: word edits / reference words (may exceed 1 with many insertions)."""
-    return _rate(references, hypotheses, str.split)
+    return _rate(references, hypotheses, "word")
 
 
 def char_error_rate(references: Sequence[str], hypotheses: Sequence[str]) -> float:
     """Corpus CER over characters of the normalised text, spaces included (as jiwer's cer)."""
-    return _rate(references, hypotheses, list)
+    return _rate(references, hypotheses, "char")
+
+
+def utterance_wer(reference: str, hypothesis: str) -> float | None:
+    """One utterance's WER; None when its reference is empty after normalisation."""
+    return edit_counts([reference], [hypothesis], "word").rate
