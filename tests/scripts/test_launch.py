@@ -103,6 +103,8 @@ def test_killing_the_launchers_process_group_stops_its_workers(sig, tmp_path):
         assert len(workers) == 2, workers
         os.killpg(job.pid, sig)
         job.wait(timeout=60)
+        if sig == signal.SIGTERM:  # the launcher returns only once its workers are gone
+            assert _workers(str(out_dir)) == [], "the launcher exited before its workers"
         deadline = time.monotonic() + 60
         while _workers(str(out_dir)) and time.monotonic() < deadline:
             time.sleep(0.5)
