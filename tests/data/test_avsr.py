@@ -194,3 +194,147 @@ def test_generated_root_is_not_overwritten_when_foreign(tmp_path):
     (tmp_path / "mine.txt").write_text("keep")
     with pytest.raises(FileExistsError, match="not a generated set"):
         make_fake_avsr(tmp_path, FakeAVConfig(splits={"train": 1}, engine="tones"))
+
+
+# ---------------------------------------------------------------------------- own data: one modality, mp4, manifests
+
+
+def tone(seconds: float, rate: int = 16_000) -> np.ndarray:
+    t = np.arange(int(seconds * rate)) / rate
+    return (0.3 * np.sin(2 * np.pi * 200 * t)).astype(np.float32)
+
+
+def test_audio_only_and_video_only_need_no_dummy_files(tmp_path, capsys):
+    folder = tmp_path / "train" / "s"
+    folder.mkdir(parents=True)
+    soundfile.write(str(folder / "a.wav"), tone(1.0), 16_000)
+    (folder / "a.txt").write_text("one two")
+    np.save(folder / "v.npy", np.full((25, 32, 32), 200, np.uint8))
+    (folder / "v.txt").write_text("three")
+    audio_only = AVSRDataset(config(tmp_path, on_error="skip", max_skipped_fraction=0.5), "train", need_video=False)
+    assert [u.id for u in audio_only.utterances] == ["s/a"]  # v has no audio: counted and said
+    assert "s/v: missing audio" in capsys.readouterr().err
+    sample = audio_only[0]
+    assert len(sample["audio"]) == 16_000 and sample["video"].shape == (0, 16, 16)
+    video_only = AVSRDataset(config(tmp_path, on_error="skip", max_skipped_fraction=0.5), "train", need_audio=False)
+    assert [u.id for u in video_only.utterances] == ["s/v"]
+    assert video_only[0]["audio"].numel() == 0 and video_only[0]["video"].shape == (25, 16, 16)
+    batch = collate_avsr([video_only[0]])
+    assert batch["audio"].shape == (1, 0) and batch["video_lengths"].tolist() == [25]
+    with pytest.raises(AVSRDataError, match=r"s/a: missing video"):
+        AVSRDataset(config(tmp_path), "train", need_audio=False)
+
+
+def test_lrs3_mp4_layout_reads_audio_from_the_video_file(tmp_path):
+    from data.video import write_mp4
+
+    folder = tmp_path / "test" / "spk"
+    folder.mkdir(parents=True)
+    frames = np.zeros((20, 32, 48), np.uint8)
+    frames[:, 8:24, 16:32] = 220  # the mouth box
+    write_mp4(folder / "00001.mp4", frames, 25, tone(0.8))
+    (folder / "00001.txt").write_text("Text:  TURN LEFT\nConf:  4\n\nWORD START END ASDSCORE\nTURN 0.1 0.3 1.0\n"
+                                      "LEFT 0.4 0.7 1.0\n")
+    ds = AVSRDataset(config(tmp_path, mouth_box=[16, 8, 16, 16]), "test")
+    sample = ds[0]
+    assert sample["text"] == "TURN LEFT" and sample["words"][1] == ("LEFT", 0.4, 0.7)
+    assert abs(len(sample["audio"]) - 0.8 * 16_000) < 2048 and float(sample["audio"].abs().max()) > 0.2
+    assert sample["video"].shape == (20, 16, 16) and float(sample["video"].mean()) > 0.8  # only the bright box
+    whole = AVSRDataset(config(tmp_path), "test")[0]["video"]
+    assert float(whole.mean()) < 0.4
+    with pytest.raises(AVSRDataError, match=r"00001.mp4: mouth box \[x=40, y=8, w=16, h=16\] is not inside"):
+        AVSRDataset(config(tmp_path, mouth_box=[40, 8, 16, 16]), "test")
+
+
+@pytest.mark.parametrize("kind", ["csv", "jsonl"])
+def test_manifest_with_segments_and_crops(tmp_path, kind):
+    import json
+
+    from data.video import write_mp4
+
+    media = tmp_path / "media"
+    media.mkdir()
+    soundfile.write(str(media / "talk.wav"), tone(2.0), 16_000)
+    frames = (np.arange(50, dtype=np.uint8)[:, None, None] * 5).repeat(32, 1).repeat(32, 2)
+    write_mp4(media / "talk.mp4", frames, 25)
+    rows = [{"id": "first", "audio": "media/talk.wav", "video": "media/talk.mp4", "text": "one two", "end": 1.0},
+            {"id": "second", "audio": "media/talk.wav", "video": "media/talk.mp4", "text": "three", "start": 1.0,
+             "end": 1.6, "crop": [0, 0, 16, 16]}]
+    manifest = tmp_path / f"train.{kind}"
+    if kind == "jsonl":
+        manifest.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    else:
+        manifest.write_text("id,audio,video,text,start,end,crop\nfirst,media/talk.wav,media/talk.mp4,one two,,1.0,\n"
+                            "second,media/talk.wav,media/talk.mp4,three,1.0,1.6,0 0 16 16\n")
+    ds = AVSRDataset(config(tmp_path, train_split=f"train.{kind}"), f"train.{kind}")
+    assert [u.id for u in ds.utterances] == ["first", "second"]
+    first, second = ds[0], ds[1]
+    assert len(first["audio"]) == 16_000 and len(second["audio"]) == int(0.6 * 16_000)
+    assert first["video"].shape[0] == 25 and second["video"].shape[0] == 15
+    assert float(second["video"][0].mean()) == pytest.approx(25 * 5 / 255, abs=0.03)  # frame 25 onwards
+    assert second["text"] == "three"
+
+
+@pytest.mark.parametrize("line, message", [
+    ('{"audio": "x.wav"}', r"train.jsonl: line 1: key 'text' expects a non-empty transcript"),
+    ('{"text": "a"}', r"train.jsonl: line 1: give 'audio' or 'video'"),
+    ('{"audio": "x.wav", "text": "a", "start": 2, "end": 1}', r"line 1: key 'end' \(1.0\) must be after 'start'"),
+    ('{"audio": "x.wav", "text": "a", "crop": [1, 2]}', r"line 1: key 'crop' expects 4 integers"),
+    ('{"audio": "x.wav", "text": "a", "speaker": 3}', r"line 1: unknown key\(s\) \['speaker'\]"),
+    ('not json', r"train.jsonl: line 1: not JSON"),
+])
+def test_bad_manifest_rows_name_file_line_and_key(tmp_path, line, message):
+    (tmp_path / "train.jsonl").write_text(line + "\n")
+    with pytest.raises(AVSRDataError, match=message):
+        AVSRDataset(config(tmp_path), "train.jsonl", need_video=False)
+
+
+def test_manifest_file_errors_are_counted_when_skipping(tmp_path, capsys):
+    soundfile.write(str(tmp_path / "ok.wav"), tone(0.5), 16_000)
+    (tmp_path / "train.jsonl").write_text('{"audio": "ok.wav", "text": "one"}\n{"audio": "gone.wav", "text": "two"}\n')
+    with pytest.raises(AVSRDataError, match=r"gone.wav: no such file \(listed at .*train.jsonl: line 2\)"):
+        AVSRDataset(config(tmp_path), "train.jsonl", need_video=False)
+    ds = AVSRDataset(config(tmp_path, on_error="skip", max_skipped_fraction=0.5), "train.jsonl", need_video=False)
+    assert len(ds) == 1 and "skipped 1 of 2 utterances" in capsys.readouterr().err
+
+
+def lrs3_words(folder, name, words, seconds):
+    """A WAV of ``seconds`` and an LRS3 transcript whose words are (word, start, end)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    soundfile.write(str(folder / f"{name}.wav"), tone(seconds), 16_000)
+    table = "".join(f"{w} {s} {e} 1.0\n" for w, s, e in words)
+    (folder / f"{name}.txt").write_text(f"Text:  {' '.join(w for w, _, _ in words)}\n\nWORD START END ASDSCORE\n{table}")
+
+
+def test_long_utterances_are_chunked_at_words_or_counted(tmp_path, capsys):
+    folder = tmp_path / "train" / "s"
+    words = [("ONE", 0.1, 0.6), ("TWO", 0.8, 1.4), ("THREE", 1.6, 2.2), ("FOUR", 2.5, 3.2), ("FIVE", 3.4, 3.9)]
+    lrs3_words(folder, "long", words, 4.0)
+    lrs3_words(folder, "short", [("SIX", 0.1, 0.5)], 1.0)
+    soundfile.write(str(folder / "plain.wav"), tone(3.0), 16_000)
+    (folder / "plain.txt").write_text("seven eight nine")  # too long and no word timings to cut at
+    options = dict(max_seconds=1.5, max_skipped_fraction=0.0)
+    ds = AVSRDataset(config(tmp_path, long_utterances="chunk", **options), "train", need_video=False)
+    assert [u.id for u in ds.utterances] == ["s/long#0", "s/long#1", "s/long#2", "s/short"]
+    assert [ds[i]["text"] for i in range(3)] == ["ONE TWO", "THREE", "FOUR FIVE"]
+    assert [len(ds[i]["audio"]) for i in range(3)] == [int(1.5 * 16_000), int(0.9 * 16_000), int(1.5 * 16_000)]
+    assert ds[1]["words"] == [("THREE", 0.0, pytest.approx(0.6))]
+    report = capsys.readouterr().err
+    assert "cut 1 utterances longer than data.max_seconds=1.5 into 3 pieces" in report
+    assert re.search(r"left out 1 utterances longer than data.max_seconds=1.5 .*plain.wav: too long \(3.00 s > "
+                     r"max_seconds 1.5\); no word timings to cut it at", report)
+    skipping = AVSRDataset(config(tmp_path, long_utterances="skip", **options), "train", need_video=False)
+    assert [u.id for u in skipping.utterances] == ["s/short"]
+    assert "left out 2 utterances longer than data.max_seconds=1.5 (data.long_utterances: skip; 1 remain)" in \
+        capsys.readouterr().err
+    with pytest.raises(AVSRDataError, match=r"long.wav: too long"):
+        AVSRDataset(config(tmp_path, **options), "train", need_video=False)
+
+
+def test_chunking_needs_a_length():
+    from mm.config import ConfigError
+
+    with pytest.raises(ConfigError, match="'long_utterances' is 'chunk' but 'max_seconds' is 0"):
+        AVSRDataConfig(root="x", long_utterances="chunk")
+    with pytest.raises(ConfigError, match="'mouth_box' expects"):
+        AVSRDataConfig(root="x", mouth_box=[0, 0, 0, 4])
