@@ -45,6 +45,15 @@ def adaptable_layer_kinds(model: nn.Module) -> dict[str, str]:
     return kinds
 
 
+def attention_projections(model: nn.Module) -> dict[str, list[str]]:
+    """Each attention module's name (``nn.MultiheadAttention``, split or not) -> its q/k/v/out layer names.
+
+    A target naming the attention module itself ('attn', as PEFT accepts) adapts these four views.
+    """
+    return {name: [f"{name}.{p}" for p in PROJECTIONS] for name, module in model.named_modules()
+            if name and isinstance(module, nn.MultiheadAttention | SplitMultiheadAttention)}
+
+
 def _parent(model: nn.Module, name: str) -> nn.Module:
     parent_name = name.rpartition(".")[0]
     return model.get_submodule(parent_name) if parent_name else model
@@ -97,12 +106,16 @@ def select_targets(model: nn.Module, config: AdapterConfig) -> list[str]:
         patterns.append(lambda n: re.fullmatch(config.target_regex, n) is not None)
     targeted = {n for n, kind in kinds.items() if (ALL_LINEAR in config.targets and kind == "linear"
                                                    and n not in heads) or (ALL_CONV in config.targets and kind == "conv")}
+    attention = attention_projections(model)
     for matches in patterns:
         linear = {n for n, kind in kinds.items() if kind == "linear" and matches(n)}
+        linear |= {p for owner, projections in attention.items() if matches(owner) for p in projections}
         targeted |= linear or {n for n, kind in kinds.items() if kind == "conv" and matches(n)}
     chosen = []
     for name in kinds:
-        if name not in targeted or _matches_any(name, config.exclude):
+        owner = name.rpartition(".")[0]
+        if name not in targeted or _matches_any(name, config.exclude) or (
+                owner in attention and _matches_any(owner, config.exclude)):
             continue
         if config.layers is not None and _layer_index(name, config.layers_pattern) not in config.layers:
             continue

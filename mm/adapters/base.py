@@ -183,8 +183,8 @@ class FactoredLoRA(Adapter):
             x = x.to(lora_a.dtype)
         if self.dropout is not None:
             x = self.dropout(x)
-        h = torch.nn.functional.linear(x, lora_a) * self.scaling
-        return add_matmul_(out, h.to(out.dtype), lora_b.to(out.dtype))
+        # Once assembled, B A is LoRA's shape: LoRA's fused node serves it.
+        return add_low_rank_(out, x, lora_a, lora_b, self.scaling)
 
     def delta(self, x: torch.Tensor, base: nn.Module) -> torch.Tensor:
         lora_a, lora_b = self.factors()

@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mm.adapters.base import ADAPTERS, Adapter, add_matmul_
+from mm.adapters.base import ADAPTERS, Adapter, add_low_rank_
 from mm.adapters.lora import LoRAConfig
 from mm.config import ConfigError
 
@@ -91,8 +91,8 @@ class BlockLoRA(Adapter):
         return x.unflatten(-1, (self.blocks, -1)).sum(dim=-2)
 
     def forward(self, x: torch.Tensor, out: torch.Tensor, base: nn.Module) -> torch.Tensor:
-        h = F.linear(self._summed_chunks(x), self.lora_A) * self.scaling
-        return add_matmul_(out, h.to(out.dtype), self.lora_B.to(out.dtype))
+        # B (A_0 x_sum) is LoRA's shape on the summed chunks: one fused node (add_low_rank_), as LoRA.
+        return add_low_rank_(out, self._summed_chunks(x), self.lora_A, self.lora_B, self.scaling)
 
     def delta(self, x: torch.Tensor, base: nn.Module) -> torch.Tensor:
         return F.linear(F.linear(self._summed_chunks(x), self.lora_A), self.lora_B) * self.scaling

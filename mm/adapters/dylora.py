@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mm.adapters.base import ADAPTERS, Adapter, add_matmul_
+from mm.adapters.base import ADAPTERS, Adapter, add_low_rank_
 from mm.config import AdapterConfig, ConfigError
 
 RANK_FLAG = "--dylora-rank"
@@ -108,8 +108,8 @@ class DyLoRA(Adapter):
 
     def forward(self, x: torch.Tensor, out: torch.Tensor, base: nn.Module) -> torch.Tensor:
         a, b, scaling = self.factors()
-        h = F.linear(self._input(x), a) * scaling
-        return add_matmul_(out, h.to(out.dtype), b.to(out.dtype))
+        # B_b (A_b x): LoRA's shape at rank b, so LoRA's fused node (add_low_rank_) serves it.
+        return add_low_rank_(out, self._input(x), a, b, scaling)
 
     def delta(self, x: torch.Tensor, base: nn.Module) -> torch.Tensor:
         a, b, scaling = self.factors()

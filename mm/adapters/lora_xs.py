@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mm.adapters.base import ADAPTERS, Adapter, add_matmul_
+from mm.adapters.base import ADAPTERS, Adapter, add_low_rank_
 from mm.config import AdapterConfig, ConfigError
 
 
@@ -124,8 +124,13 @@ class LoRAXS(Adapter):
         return F.linear(F.linear(x, self.lora_A), self.lora_R) * self.scaling
 
     def forward(self, x: torch.Tensor, out: torch.Tensor, base: nn.Module) -> torch.Tensor:
-        h = self._hidden(x)
-        return add_matmul_(out, h.to(out.dtype), self.lora_B.to(out.dtype))
+        if x.dtype != self.lora_R.dtype:
+            x = x.to(self.lora_R.dtype)
+        if self.dropout is not None:
+            x = self.dropout(x)
+        # B (R A) x: folding the r x r core into A costs r*r*in once per call instead of r*r per token, and
+        # leaves LoRA's shape, so LoRA's fused node (add_low_rank_) serves it.
+        return add_low_rank_(out, x, self.lora_R @ self.lora_A, self.lora_B, self.scaling)
 
     def delta(self, x: torch.Tensor, base: nn.Module) -> torch.Tensor:
         return F.linear(self._hidden(x), self.lora_B)

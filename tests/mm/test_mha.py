@@ -111,3 +111,55 @@ def test_lora_on_open_clip_towers_reaches_packed_qkv():
     assert all(type(m) is not SplitMultiheadAttention for m in model.modules())
     torch.testing.assert_close(model.encode_image(image), adapted_image, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(model.encode_text(text), adapted_text, rtol=1e-5, atol=1e-5)
+
+
+def _vit():
+    from toys import TinyViT
+
+    torch.manual_seed(0)
+    return TinyViT().eval()
+
+
+def _perturbed_output(targets: list[str], **options) -> tuple[torch.Tensor, list[str], dict]:
+    model = _vit()
+    mm.attach(model, mm.LoRAConfig(targets=targets, r=4, **options))
+    perturb(model, seed=3)
+    names = [name for name, _ in mm.adapted_layers(model)]
+    state = {k: v.clone() for k, v in model.state_dict().items() if "lora_" in k}
+    return model(torch.randn(2, 1, 8, 8, generator=torch.Generator().manual_seed(4))), names, state
+
+
+def test_target_naming_the_attention_module_adapts_its_four_views():
+    got, names, state = _perturbed_output(["attn"])
+    want, want_names, want_state = _perturbed_output(["q_proj", "k_proj", "v_proj", "out_proj"])
+    assert names == want_names and len(names) == 8  # 2 blocks x q, k, v, out
+    assert state.keys() == want_state.keys()
+    for key in state:
+        torch.testing.assert_close(state[key], want_state[key])
+    torch.testing.assert_close(got, want)
+    base = _vit()(torch.randn(2, 1, 8, 8, generator=torch.Generator().manual_seed(4)))
+    assert (got - base).abs().max() > 1e-4  # the adapters did change the output
+
+
+def test_attention_target_by_regex_layer_index_and_exclusion():
+    _, names, _ = _perturbed_output([], target_regex=r"blocks\.\d\.attn")
+    assert len(names) == 8
+    _, names, _ = _perturbed_output(["attn"], exclude=["blocks.0.attn"])
+    assert names == [f"blocks.1.attn.{p}" for p in ("q_proj", "k_proj", "v_proj", "out_proj")]
+    _, names, _ = _perturbed_output(["attn"], layers=[0])
+    assert names == [f"blocks.0.attn.{p}" for p in ("q_proj", "k_proj", "v_proj", "out_proj")]
+
+
+def test_attention_target_reaches_an_already_split_module():
+    model = _vit()
+    mm.attach(model, mm.LoRAConfig(targets=["mlp.c_fc", "blocks.0.attn.q_proj"], r=2), name="first")
+    mm.attach(model, mm.LoRAConfig(targets=["attn"], r=2), name="second")
+    second = [name for name, layer in mm.adapted_layers(model) if "second" in layer.adapters]
+    assert second == [f"blocks.{i}.attn.{p}" for i in (0, 1) for p in ("q_proj", "k_proj", "v_proj", "out_proj")]
+    assert list(model.blocks[0].attn.q_proj.adapters) == ["first", "second"]
+
+
+def test_attention_target_on_open_clip_blocks():
+    model = _tiny_clip()
+    mm.attach(model, mm.LoRAConfig(targets=["attn"], r=4))
+    assert len(list(mm.adapted_layers(model))) == 16  # 2 towers x 2 blocks x q, k, v, out
