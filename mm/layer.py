@@ -66,6 +66,9 @@ class AdaptedLinear(nn.Module):
         self.adapters = nn.ModuleDict()
         self.active: tuple[str, ...] = ()
         self.merged: list[str] = []
+        # The exact update merged by adapters whose update depends on the base weight itself (DoRA rescales
+        # W): recomputing it from the merged weight would divide by m/n and lose precision where m is small.
+        self.merged_deltas: dict[str, torch.Tensor] = {}
         self.disabled = False
 
     # Code that inspects layers (dtype checks in open_clip, transformers) expects these attributes.
@@ -94,8 +97,9 @@ class AdaptedLinear(nn.Module):
         if folding:  # whole-FFN mixtures: (..., k, in) rows -> their gate-weighted sum, before the base
             x = type(folding[0]).fold(x, folding)
         out = self.base(x, *args, **kwargs)
-        # Expanding adapters add a k axis, so every same-shape update goes in before them.
-        for adapter in sorted(adapters, key=lambda a: a.expands_output):
+        # Expanding adapters add a k axis, so every same-shape update goes in before them; adapters that
+        # rescale what they receive (DoRA) go first, so they rescale the base output, not other updates.
+        for adapter in sorted(adapters, key=lambda a: (a.expands_output, not getattr(a, "rescales_output", False))):
             out = adapter(x, out, self.base)
         return out
 
@@ -146,16 +150,21 @@ class AdaptedLinear(nn.Module):
         weight = weight_out_in(self.base)
         for name in names:
             if name in self.adapters and name not in self.merged:
-                weight.add_(self.adapters[name].delta_weight(self.base).to(weight.dtype))
+                adapter = self.adapters[name]
+                delta = adapter.delta_weight(self.base).to(weight.dtype)
+                if getattr(adapter, "rescales_output", False):
+                    self.merged_deltas[name] = delta
+                weight.add_(delta)
                 self.merged.append(name)
 
     @torch.no_grad()
     def unmerge(self, names: Iterable[str] | None = None) -> None:
         weight = weight_out_in(self.base)
-        for name in list(self.merged if names is None else names):
-            if name in self.merged:
-                weight.sub_(self.adapters[name].delta_weight(self.base).to(weight.dtype))
-                self.merged.remove(name)
+        wanted = None if names is None else set(names)
+        for name in reversed([n for n in self.merged if wanted is None or n in wanted]):  # last merged first
+            delta = self.merged_deltas.pop(name, None)
+            weight.sub_(self.adapters[name].delta_weight(self.base).to(weight.dtype) if delta is None else delta)
+            self.merged.remove(name)
 
     def extra_repr(self) -> str:
         return f"in={self.in_features}, out={self.out_features}, active={list(self.active)}"

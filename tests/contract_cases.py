@@ -38,6 +38,8 @@ CASES: dict[str, Case] = {
     "lora": Case("lora", {"r": 4, "alpha": 8.0}),
     "lora-rslora-gaussian": Case("lora", {"r": 4, "alpha": 8.0, "rslora": True, "init": "gaussian"}),
     "lora-ffa": Case("lora", {"r": 4, "alpha": 8.0, "freeze_a": True}),
+    "dora": Case("dora", {"r": 4, "alpha": 8.0}),
+    "dora-rslora-dropout": Case("dora", {"r": 4, "alpha": 8.0, "rslora": True, "dropout": 0.1}),
     "pissa-adapter-residual": Case("pissa", {"r": 4, "alpha": 4.0, "residual": "adapter"}),  # residual="base" (the default) edits the base weight, so disable/switch do not give W: tests/mm/test_pissa.py covers it
     "pissa-fast-adapter-residual": Case("pissa", {"r": 4, "alpha": 8.0, "svd": "fast", "niter": 2, "residual": "adapter"}),
     "lora_ga-adapter-residual": Case("lora_ga", {"r": 4, "alpha": 8.0, "residual": "adapter"}, prepare=lambda model, name, x: mm.adapters.lora_ga.initialize(model, [x, x.flip(0)], lambda m, b: getattr(out := m(b), "logits", out).float().pow(2).mean(), name=name)),  # noqa: E501

@@ -4,6 +4,7 @@ from mm.adapters import (  # noqa: F401  (importing registers them)
     block_lora,
     bone,
     diffora,
+    dora,
     dylora,
     eva,
     loldu,
