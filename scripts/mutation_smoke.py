@@ -5,7 +5,8 @@
     .venv/bin/python scripts/mutation_smoke.py --list
 
 Each mutation replaces one exact snippet of one file (it must occur exactly once: a snippet the code no
-longer contains is reported as stale, not as caught) and runs the tests named for it. The same tests first
+longer contains is reported as stale, not as caught) and runs the tests named for it. A mutation may list
+the same bug for several forms of the code (``variants``): the first whose snippet occurs once is planted. The same tests first
 run on the unmutated copy, which must pass, so a red test means the planted bug and nothing else. The
 copy holds the working tree's tracked and untracked-but-not-ignored files; the repository is never changed.
 """
@@ -34,6 +35,10 @@ class Mutation:
     new: str
     tests: tuple[str, ...]  # pytest arguments: node ids, files, or "-k" expressions
     what: str
+    variants: tuple[tuple[str, str], ...] = ()  # more (old, new) forms of the same bug
+
+    def edits(self) -> tuple[tuple[str, str], ...]:
+        return ((self.old, self.new), *self.variants)
 
 
 MUTATIONS = [
@@ -42,7 +47,9 @@ MUTATIONS = [
         "for name in list(self.merged if names is None else names):",
         "for name in (self.merged if names is None else names):",
         ("tests/mm/test_merge_unmerge.py", "-k", "unmerging_two_merged"),
-        "unmerge iterates self.merged while removing from it: one of two merged adapters stays merged"),
+        "unmerge iterates self.merged while removing from it: one of two merged adapters stays merged",
+        variants=(("for name in reversed([n for n in self.merged if wanted is None or n in wanted]):",
+                   "for name in (n for n in self.merged if wanted is None or n in wanted):"),)),
     Mutation(
         "shape-check-by-numel", "mm/state.py",
         "if key in file_state and file_state[key].shape != tensor.shape",
@@ -72,7 +79,8 @@ MUTATIONS = [
         "weight.add_(self.adapters[name].delta_weight(self.base).to(weight.dtype))",
         "weight.sub_(self.adapters[name].delta_weight(self.base).to(weight.dtype))",
         ("tests/mm/test_contract.py", "-k", "merge_equals_unmerged and mlp"),
-        "merge subtracts the update instead of adding it"),
+        "merge subtracts the update instead of adding it",
+        variants=(("weight.add_(delta)", "weight.sub_(delta)"),)),
     Mutation(
         "fused-backward-unscaled", "mm/adapters/base.py",
         "            if ctx.scaling != 1.0:\n                grad_h.mul_(ctx.scaling)\n",
@@ -116,11 +124,12 @@ def apply(copy: Path, mutation: Mutation) -> str:
     """Plant the bug; returns the original text (to restore). A snippet not found exactly once is stale."""
     path = copy / mutation.file
     text = path.read_text()
-    count = text.count(mutation.old)
-    if count != 1:
-        raise LookupError(f"{mutation.file}: the snippet to mutate occurs {count} times (expected 1)")
-    path.write_text(text.replace(mutation.old, mutation.new))
-    return text
+    counts = [text.count(old) for old, _ in mutation.edits()]
+    for (old, new), count in zip(mutation.edits(), counts, strict=True):
+        if count == 1:
+            path.write_text(text.replace(old, new))
+            return text
+    raise LookupError(f"{mutation.file}: the snippet to mutate occurs {counts} times (expected 1)")
 
 
 def smoke(mutations: list[Mutation], timeout: float, keep: bool) -> list[dict[str, str]]:

@@ -14,8 +14,9 @@ smoke = load_script("mutation_smoke")
 @pytest.mark.parametrize("mutation", smoke.MUTATIONS, ids=lambda m: m.name)
 def test_every_planted_bug_still_matches_the_code_and_names_existing_tests(mutation):
     text = (smoke.ROOT / mutation.file).read_text()
-    assert text.count(mutation.old) == 1, f"{mutation.file}: update the snippet of mutation {mutation.name!r}"
-    assert mutation.old != mutation.new
+    assert any(text.count(old) == 1 for old, _ in mutation.edits()), (
+        f"{mutation.file}: update the snippet of mutation {mutation.name!r}")
+    assert all(old != new for old, new in mutation.edits())
     files = [t for t in mutation.tests if t.startswith("tests/")]
     assert files and all((smoke.ROOT / f.split("::")[0]).is_file() for f in files), mutation.tests
 
@@ -24,7 +25,7 @@ def test_a_snippet_the_code_no_longer_has_is_stale_not_caught(tmp_path: Path):
     (tmp_path / "mm").mkdir()
     (tmp_path / "mm" / "x.py").write_text("a = 1\n")
     stale = smoke.Mutation("gone", "mm/x.py", "a = 2", "a = 3", ("tests",), "")
-    with pytest.raises(LookupError, match="occurs 0 times"):
+    with pytest.raises(LookupError, match=r"occurs \[0\] times"):
         smoke.apply(tmp_path, stale)
     live = smoke.Mutation("live", "mm/x.py", "a = 1", "a = 3", ("tests",), "")
     assert smoke.apply(tmp_path, live) == "a = 1\n"
