@@ -98,12 +98,15 @@ class AdapterConfig:
             if bad is not None:
                 raise ConfigError(f"{self.method or type(self).__name__}: key {bad!r} must be a finite "
                                   f"number, got {value!r}")
-        if self.target_regex is not None:
+        # Module names are dotted identifiers, so a pattern that does not compile is a typo, never a suffix.
+        patterns = [("target_regex", self.target_regex)] if self.target_regex is not None else []
+        patterns += [(f"exclude[{i}]", pattern) for i, pattern in enumerate(self.exclude)]
+        for key, pattern in patterns:
             try:
-                re.compile(self.target_regex)
+                re.compile(pattern)
             except re.error as err:
-                raise ConfigError(f"{self.method}: key 'target_regex' {self.target_regex!r} is not a valid "
-                                  f"regular expression ({err})") from None
+                raise ConfigError(f"{self.method}: key {key!r} {pattern!r} is not a valid regular expression "
+                                  f"({err})") from None
         if not (self.targets or self.target_regex):
             raise ConfigError(f"{self.method}: give 'targets' or 'target_regex' (which modules to adapt)")
         if self.r < 1:

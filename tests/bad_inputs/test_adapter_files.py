@@ -159,8 +159,9 @@ def test_bad_config_metadata_is_named(tmp_path, adapters, culprit):
     ("alpha", math.nan, ["key 'alpha' must be a finite number"]),
     ("alpha", -math.inf, ["key 'alpha' must be a finite number"]),
     ("target_regex", "fc(1", ["key 'target_regex'", "'fc(1'", "not a valid regular expression"]),
+    ("exclude", ["fc2", "fc[1"], ["key 'exclude[1]'", "'fc[1'", "not a valid regular expression"]),
     ("r", 0, ["key 'r' must be >= 1"]),
-], ids=["unknown-method", "unknown-key", "nan-alpha", "inf-alpha", "bad-regex", "zero-rank"])
+], ids=["unknown-method", "unknown-key", "nan-alpha", "inf-alpha", "bad-regex", "bad-exclude", "zero-rank"])
 def test_bad_saved_config_is_a_config_error_naming_file_adapter_and_key(tmp_path, key, value, culprits):
     path = _rewrite(_saved(tmp_path), _set_config(key, value))
     _refused(path, mm.ConfigError, "adapter 'default'", *culprits)
