@@ -19,7 +19,7 @@ draws one more noisy sample there; we keep the result deterministic), ``discrete
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -119,7 +119,10 @@ class ConcreteMerger:
     """Merged weights ``base + sum_t lambda_t (mask * tau_t)`` over named weight tensors of ``model``."""
 
     def __init__(self, model: nn.Module, vectors: dict[str, torch.Tensor], loss_fn: LossFn,
-                 batches: Sequence[Sequence[Any]], config: ConcreteConfig) -> None:
+                 batches: Sequence[Sequence[Any]], config: ConcreteConfig,
+                 linked: Mapping[str, Sequence[str]] | None = None) -> None:
+        """``linked``: weight key -> other weights of ``model`` that take the same merged value (copies of the
+        base inside ``model``, e.g. one per task, so every task's objective sees the one merged encoder)."""
         params = dict(model.named_parameters())
         tasks = {v.shape[0] for v in vectors.values()}
         if len(tasks) != 1 or not vectors:
@@ -134,6 +137,12 @@ class ConcreteMerger:
             if key not in params or params[key].shape != tau.shape[1:]:
                 have = tuple(params[key].shape) if key in params else "no such weight"
                 raise MergeError(f"concrete: task vector {key!r} has shape {tuple(tau.shape[1:])}; model: {have}")
+        self.linked = {key: list((linked or {}).get(key, ())) for key in vectors}
+        for key, others in self.linked.items():
+            for other in others:
+                if other not in params or not torch.equal(params[other].detach(), params[key].detach()):
+                    raise MergeError(f"concrete: weight {other!r} is linked to {key!r} but is not the same base "
+                                     "weight (a different base model?)")
         self.model, self.vectors, self.batches, self.config = model, vectors, batches, config
         self.base = {key: params[key].detach() for key in vectors}
         self.objective = _Objective(model, loss_fn)
@@ -152,7 +161,10 @@ class ConcreteMerger:
 
     def loss(self, mask: dict[str, torch.Tensor], weights: torch.Tensor, step: int) -> torch.Tensor:
         """Sum over tasks of the objective on each task's next batch, with the merged weights in place."""
-        merged = {f"model.{key}": self.base[key] + delta for key, delta in self.merged_deltas(mask, weights).items()}
+        merged = {}
+        for key, delta in self.merged_deltas(mask, weights).items():
+            value = self.base[key] + delta
+            merged.update({f"model.{name}": value for name in (key, *self.linked[key])})
         total = torch.zeros(())
         for task, task_batches in enumerate(self.batches):
             batch = task_batches[step % len(task_batches)]

@@ -84,22 +84,27 @@ def concrete_merge_adapters(
             return loss_fn(inner_model, batch, task)
 
     result = ConcreteMerger(model, vectors, adapters_off, batches, config).run()
-    layers = dict(adapted_layers(model))
-    full = max(min(d.shape[1], d[0].numel() // d.shape[1]) for d in vectors.values())  # largest full rank
+    new_name = deltas_to_adapter(model, names[0], new_name or "merged_concrete", result.deltas, layer_of, rank)
+    return new_name, result
+
+
+def deltas_to_adapter(model: nn.Module, template: str, new_name: str, deltas: Mapping[str, torch.Tensor],
+                      layer_of: Mapping[str, str], rank: int | None = None) -> str:
+    """Attach ``new_name``, an inactive LoRA whose update on each layer is ``deltas[key]`` (stored layout) re-
+    factorised by SVD to ``rank`` (default: exact, the largest layer's full rank); config from ``template``."""
+    full = max(min(d.shape[0], d.numel() // d.shape[0]) for d in deltas.values())
     if rank is not None and (isinstance(rank, bool) or not isinstance(rank, int) or rank < 1):
         raise MergeError(f"concrete: 'rank' must be a positive integer, got {rank!r}")
     rank = rank or full
-    new_name = new_name or "merged_concrete"
-    targets = attach_result(model, names[0], new_name, rank, list(layer_of.values()))
+    layers = dict(adapted_layers(model))
+    targets = attach_result(model, template, new_name, rank, [layer_of[key] for key in deltas])
     with torch.no_grad():
-        for key, delta in result.deltas.items():
+        for key, delta in deltas.items():
             layer_name = layer_of[key]
-            if is_conv1d(layers[layer_name].base):
-                delta = delta.T
-            a, b = svd_factors(delta, rank)
+            a, b = svd_factors(delta.T if is_conv1d(layers[layer_name].base) else delta, rank)
             targets[layer_name].lora_A.copy_(a)
             targets[layer_name].lora_B.copy_(b)
-    return new_name, result
+    return new_name
 
 
 def concrete_merge_task_vectors(
