@@ -5,7 +5,8 @@ as the run trained on; see train/engine/run_folder.py), the run's ``adapters.saf
 ``trainable.safetensors`` are loaded and the eval split is evaluated. A ``key=value`` that changes the
 run's value is applied and said on stderr; ``--config RECIPE`` alone means the recipe's run folder
 (``train.out_dir``). For the AVSR task it prints the WER (and CER) of every rate pair, clean and with
-white noise at each ``--snr``; other tasks print their metrics.
+white noise at each ``--snr``, and ``--transcripts OUT.jsonl`` writes each utterance's reference, hypothesis
+and WER; other tasks print their metrics.
 """
 
 from __future__ import annotations
@@ -24,12 +25,17 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                         help="also evaluate with white noise at this SNR in dB (repeatable; tasks whose data "
                              "has snr_db)")
     parser.add_argument("--batch-size", type=int, default=16, help="evaluation batch size")
+    parser.add_argument("--transcripts", default=None, metavar="OUT.jsonl",
+                        help="write every utterance's reference, hypothesis and WER (per rate pair and noise "
+                             "condition) to this JSON-lines file (AVSR)")
     parser.add_argument("overrides", nargs="*", metavar="key=value", help="dotted recipe keys to override")
     return parser
 
 
-def evaluate_run(recipe, run_dir, snrs: list[float], batch_size: int) -> dict[str, dict[str, float]]:
-    """Metrics per condition ('clean', '<snr> dB') of the run in ``run_dir``."""
+def evaluate_run(recipe, run_dir, snrs: list[float], batch_size: int,
+                 transcripts: list[dict] | None = None) -> dict[str, dict[str, float]]:
+    """Metrics per condition ('clean', '<snr> dB') of the run in ``run_dir``; with a ``transcripts`` list,
+    the task's per-utterance transcripts are appended to it, each with its condition."""
     import dataclasses
     from pathlib import Path
 
@@ -57,7 +63,12 @@ def evaluate_run(recipe, run_dir, snrs: list[float], batch_size: int) -> dict[st
             recipe.sections["data"] = dataclasses.replace(base, snr_db=snr)
         with torch.no_grad():
             metrics = task.evaluate(eval_batches(task.eval_dataset(), task.collate, batch_size, "cpu"))
-        results["clean" if snr is None else f"{snr:g} dB"] = metrics
+        condition = "clean" if snr is None else f"{snr:g} dB"
+        results[condition] = metrics
+        if transcripts is not None:
+            if getattr(task, "transcripts", None) is None:
+                raise ConfigError(f"--transcripts: task {recipe.task!r} does not produce transcripts")
+            transcripts += [{"condition": condition, **row} for row in task.transcripts]
     return results
 
 
@@ -77,12 +88,27 @@ def format_results(results: dict[str, dict[str, float]]) -> str:
     return "\n".join(lines)
 
 
+def write_transcripts(path, rows: list[dict]) -> None:
+    """One JSON object per line (condition, id, pair, reference, hypothesis, wer), through a temp file."""
+    import json
+    from pathlib import Path
+
+    from mm.state import atomic_write
+
+    text = "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows)
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    atomic_write(Path(path), lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
+
+
 def run(args: argparse.Namespace) -> int:
     from train.engine.run_folder import load_run_recipe, run_dir_of
 
     run_dir = run_dir_of(args.config, args.run, args.overrides)  # bad input: one line from train.cli, exit 2
     recipe = load_run_recipe(run_dir, args.overrides, "eval", recipe_file=args.config)
-    results = evaluate_run(recipe, run_dir, args.snr, args.batch_size)
+    transcripts = [] if args.transcripts else None
+    results = evaluate_run(recipe, run_dir, args.snr, args.batch_size, transcripts)
+    if transcripts is not None:
+        write_transcripts(args.transcripts, transcripts)
     print(f"{recipe.name}: evaluation of {run_dir} (WER/CER in %)" if any(
         k.startswith("wer_") for k in next(iter(results.values()))) else f"{recipe.name}:")
     print(format_results(results))

@@ -17,7 +17,7 @@ from typing import Any, ClassVar
 import torch
 
 import mm
-from data.avsr import AVSRDataConfig, AVSRDataset, collate_avsr, read_transcript
+from data.avsr import AVSRDataConfig, AVSRDataset, collate_avsr
 from data.fake_av import FakeAVConfig
 from train.engine.task import TASKS, AdapterTask
 from train.tasks.avsr_model import (
@@ -29,7 +29,9 @@ from train.tasks.avsr_model import (
     rate_pairs,
     vocabulary_texts,
 )
-from train.tasks.metrics_text import char_error_rate, word_error_rate
+from train.tasks.metrics_text import char_error_rate, utterance_wer, word_error_rate
+
+WHISPER_WINDOW_SECONDS = 30.0  # a named Whisper encoder's input window (1500 frames of 20 ms)
 
 
 @TASKS.register("avsr")
@@ -49,8 +51,8 @@ class AVSRTask(AdapterTask):
             from data.fake_av import make_fake_avsr
 
             make_fake_avsr(recipe.data.root, recipe.synthetic, fps=recipe.data.fps)
-        self._train = AVSRDataset(recipe.data, recipe.data.train_split)
-        texts = [read_transcript(u.transcript) for u in self._train.utterances]
+        self._train = self._dataset(recipe.data.train_split)
+        texts = [u.text for u in self._train.utterances]
         tokenizer = HFTokenizer(cfg.llm.path) if cfg.llm.tokenizer == "hf" else VocabTokenizer.from_texts(
             vocabulary_texts(texts, cfg), cfg.llm.tokenizer)
         audio = build_audio_encoder(cfg.audio) if cfg.audio_rates else None
@@ -81,22 +83,42 @@ class AVSRTask(AdapterTask):
                 raise mm.ConfigError(f"{source}: adapters.{name}.scales {scales} must be the rate pairs {pairs} "
                                      "(model.audio_rates x model.video_rates)")
 
+    def _dataset(self, split: str) -> AVSRDataset:
+        """A split that reads only the modalities the model uses; with ``data.max_seconds: 0`` and audio, the
+        longest utterance is the audio encoder's window (longer ones follow ``data.long_utterances``)."""
+        import dataclasses
+
+        cfg, data = self.recipe.model, self.recipe.data
+        if cfg.audio_rates:
+            window = WHISPER_WINDOW_SECONDS if cfg.audio.name else cfg.audio.window_seconds
+            if data.max_seconds > window:
+                raise mm.ConfigError(f"{self.recipe.source}: data.max_seconds={data.max_seconds:g} is longer than "
+                                     f"the audio encoder's window model.audio.window_seconds={window:g}")
+            if not data.max_seconds:
+                data = dataclasses.replace(data, max_seconds=window)
+        return AVSRDataset(data, split, need_audio=bool(cfg.audio_rates), need_video=bool(cfg.video_rates))
+
     def training_step(self, batch: dict) -> tuple[torch.Tensor, dict[str, float]]:
         total, losses = self.model.loss(self.model.encode(batch), batch["text"])
         return total, {f"loss_{pair}": float(loss.detach()) for pair, loss in losses.items()}
 
     @torch.no_grad()
     def evaluate(self, batches: Iterable[dict]) -> dict[str, float]:
-        refs, hyps = [], {pair: [] for pair in self.model.pairs}
+        refs, ids, hyps = [], [], {pair: [] for pair in self.model.pairs}
         loss_sum, count = 0.0, 0
         for batch in batches:
             encoded = self.model.encode(batch)
             total, _ = self.model.loss(encoded, batch["text"])
             loss_sum, count = loss_sum + float(total) * len(batch["text"]), count + len(batch["text"])
             refs += batch["text"]
+            ids += batch["id"]
             for pair in self.model.pairs:
                 hyps[pair] += self.model.transcribe(encoded, pair)
         metrics = {"loss": loss_sum / max(count, 1)}
+        # Per utterance and rate pair, for ``mmtune eval --transcripts``.
+        self.transcripts = [{"id": uid, "pair": pair, "reference": ref, "hypothesis": hyp,
+                             "wer": utterance_wer(ref, hyp)}
+                            for pair, pair_hyps in hyps.items() for uid, ref, hyp in zip(ids, refs, pair_hyps, strict=True)]
         for pair, pair_hyps in hyps.items():
             metrics[f"wer_{pair}"] = word_error_rate(refs, pair_hyps)
             metrics[f"cer_{pair}"] = char_error_rate(refs, pair_hyps)
@@ -107,7 +129,7 @@ class AVSRTask(AdapterTask):
 
     def eval_dataset(self) -> Sequence[dict]:
         """Built on each call from ``recipe.data`` (so ``mmtune eval`` can change ``data.snr_db``)."""
-        return AVSRDataset(self.recipe.data, self.recipe.data.eval_split)
+        return self._dataset(self.recipe.data.eval_split)
 
     def collate(self, samples: list[dict]) -> dict:
         return collate_avsr(samples)
