@@ -18,8 +18,10 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from mm.adapters.lora import ConvLoRA, LoRA, LoRAConfig
+from mm.adapters.dora import DoRA, DoRAConfig
+from mm.adapters.lora import ConvLoRA, LoRA, LoRAConfig, pattern_key
 from mm.config import ConfigError
+from mm.embedding import EmbeddingLoRA, fill_embedding_lora, peft_embedding_key, peft_embedding_tensors
 from mm.layer import is_conv1d
 from mm.mha import SplitMultiheadAttention
 from mm.state import AdapterStateError, atomic_write, check_finite
@@ -29,18 +31,24 @@ PEFT_PREFIX = "base_model.model."
 CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"
 # PEFT LoRA options that change the computation; we refuse to import what we would compute differently.
-_UNSUPPORTED = {"use_dora": False, "lora_bias": False, "rank_pattern": {}, "alpha_pattern": {}}
+_UNSUPPORTED = {"lora_bias": False}
+#: The PEFT LoRA configs mmtune writes and reads: plain LoRA and DoRA (``use_dora``).
+_PEFT_LORA_CONFIGS = (LoRAConfig, DoRAConfig)
 
 
 def export_peft(model: nn.Module, directory: str | os.PathLike, adapter: str = "default") -> Path:
-    """Write adapter ``adapter`` (a plain LoRA) in PEFT's format, loadable by ``PeftModel.from_pretrained``."""
+    """Write adapter ``adapter`` (LoRA or DoRA) in PEFT's format, loadable by ``PeftModel.from_pretrained``."""
     directory = Path(directory)
     config = adapter_config(model, adapter)
-    if type(config) is not LoRAConfig:
-        raise TypeError(f"adapter {adapter!r} is {config.method!r}; only plain 'lora' has a PEFT LoRA form")
+    if type(config) not in _PEFT_LORA_CONFIGS:
+        raise TypeError(f"adapter {adapter!r} is {config.method!r}; only 'lora' and 'dora' have a PEFT LoRA form")
     tensors, layer_names, conv1d = {}, [], False
     for name, layer in adapted_layers(model):
         module = layer.adapters[adapter] if adapter in layer.adapters else None
+        if isinstance(module, EmbeddingLoRA):  # PEFT's lora_embedding_A/B keys (mm.embedding)
+            layer_names.append(name)
+            tensors.update(peft_embedding_tensors(name, module, PEFT_PREFIX))
+            continue
         if not isinstance(module, LoRA | ConvLoRA):
             continue
         if isinstance(model.get_submodule(name.rpartition(".")[0]), SplitMultiheadAttention):
@@ -56,6 +64,8 @@ def export_peft(model: nn.Module, directory: str | os.PathLike, adapter: str = "
             lora_a = _dense_conv_a(lora_a, layer.base.groups)
         tensors[f"{PEFT_PREFIX}{name}.lora_A.weight"] = lora_a.contiguous().clone()
         tensors[f"{PEFT_PREFIX}{name}.lora_B.weight"] = module.lora_B.detach().cpu().contiguous().clone()
+        if isinstance(module, DoRA):
+            tensors[f"{PEFT_PREFIX}{name}.lora_magnitude_vector"] = module.lora_magnitude_vector.detach().cpu().clone()
     peft_config = {
         "peft_type": "LORA", "task_type": None, "base_model_name_or_path": None, "inference_mode": True,
         "r": config.r, "lora_alpha": config.alpha, "lora_dropout": config.dropout,
@@ -63,7 +73,8 @@ def export_peft(model: nn.Module, directory: str | os.PathLike, adapter: str = "
         # A full-name regex: exactly these layers, as PEFT matches a string target with re.fullmatch.
         "target_modules": "|".join(re.escape(n) for n in layer_names),
         "init_lora_weights": True, "modules_to_save": None, "layers_to_transform": None,
-        "use_dora": False,
+        "use_dora": isinstance(config, DoRAConfig),
+        "rank_pattern": dict(config.rank_pattern), "alpha_pattern": dict(config.alpha_pattern),
     }
     directory.mkdir(parents=True, exist_ok=True)
     atomic_write(directory / WEIGHTS_FILE, lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"}))
@@ -85,9 +96,13 @@ def import_peft(model: nn.Module, directory: str | os.PathLike, name: str = "def
     check_finite(tensors, weights_path)
     layers: dict[str, dict[str, torch.Tensor]] = {}
     for key, tensor in tensors.items():
-        found = re.fullmatch(rf"{re.escape(PEFT_PREFIX)}(.+)\.(lora_A|lora_B)(?:\.[^.]+)?\.weight", key)
+        if (embedding_key := peft_embedding_key(key, PEFT_PREFIX)) is not None:
+            layers.setdefault(embedding_key[0], {})[embedding_key[1]] = tensor
+            continue
+        found = (re.fullmatch(rf"{re.escape(PEFT_PREFIX)}(.+)\.(lora_A|lora_B)(?:\.[^.]+)?\.weight", key)
+                 or re.fullmatch(rf"{re.escape(PEFT_PREFIX)}(.+)\.(lora_magnitude_vector)(?:\.[^.]+)?", key))
         if found is None:
-            raise AdapterStateError(f"{weights_path}: key {key!r} is not a PEFT LoRA A/B weight")
+            raise AdapterStateError(f"{weights_path}: key {key!r} is not a PEFT LoRA A/B weight or DoRA magnitude")
         layers.setdefault(found.group(1), {})[found.group(2)] = tensor
     if not layers:
         raise AdapterStateError(f"{weights_path}: holds no LoRA weights")
@@ -107,16 +122,27 @@ def import_peft(model: nn.Module, directory: str | os.PathLike, name: str = "def
 
 
 def _lora_config(peft_config: dict, layers: dict, path: Path) -> LoRAConfig:
-    """Our LoRA config for exactly the layers the weights hold; a missing or ill-typed key names ``path``."""
+    """Our LoRA (or DoRA) config for exactly the layers the weights hold; a bad key names ``path``."""
     for key, kinds in (("r", int), ("lora_alpha", int | float)):
         value = peft_config.get(key)
         if isinstance(value, bool) or not isinstance(value, kinds):
             raise AdapterStateError(f"{path}: key {key!r} must be a number, got {value!r}")
+    patterns = {}
+    for key in ("rank_pattern", "alpha_pattern"):
+        given = peft_config.get(key) or {}
+        if not isinstance(given, dict):
+            raise AdapterStateError(f"{path}: key {key!r} must be an object {{pattern: value}}, got {given!r}")
+        # PEFT ignores patterns that match no layer; keep those that decide some layer's value.
+        used = {pattern_key(given, n) for n in layers}
+        patterns[key] = {p: v for p, v in given.items() if p in used}
+    dora = bool(peft_config.get("use_dora", False))
+    if not dora and any(p.get("lora_magnitude_vector") is not None for p in layers.values()):
+        raise AdapterStateError(f"{path}: weights hold DoRA magnitudes (lora_magnitude_vector) but 'use_dora' is false")
     try:
-        return LoRAConfig(
+        return (DoRAConfig if dora else LoRAConfig)(
             target_regex="|".join(re.escape(n) for n in layers), r=int(peft_config["r"]),
             alpha=float(peft_config["lora_alpha"]), dropout=float(peft_config.get("lora_dropout") or 0.0),
-            rslora=bool(peft_config.get("use_rslora", False)),
+            rslora=bool(peft_config.get("use_rslora", False)), **patterns,
         )
     except ConfigError as err:
         raise ConfigError(f"{path}: {err}") from None
@@ -181,12 +207,20 @@ def _fill(model: nn.Module, name: str, layers: dict[str, dict[str, torch.Tensor]
         raise AdapterStateError(f"{path}: layers {missing} are not adaptable layers of the model")
     with torch.no_grad():
         for layer_name, pair in layers.items():
+            if isinstance(modules[layer_name], EmbeddingLoRA):
+                fill_embedding_lora(layer_name, modules[layer_name], bases[layer_name], pair, path)
+                continue
             missing_part = next((p for p in ("lora_A", "lora_B") if p not in pair), None)
             if missing_part:
                 raise AdapterStateError(f"{path}: layer {layer_name!r} has no {missing_part} weight")
             if isinstance(modules[layer_name], ConvLoRA):
                 pair = {**pair, "lora_A": _grouped_conv_a(layer_name, bases[layer_name], pair["lora_A"], path)}
-            for part in ("lora_A", "lora_B"):
+            parts = ["lora_A", "lora_B"]
+            if isinstance(modules[layer_name], DoRA):
+                if "lora_magnitude_vector" not in pair:
+                    raise AdapterStateError(f"{path}: layer {layer_name!r} has no lora_magnitude_vector (DoRA)")
+                parts.append("lora_magnitude_vector")
+            for part in parts:
                 target = getattr(modules[layer_name], part)
                 if target.shape != pair[part].shape:
                     raise AdapterStateError(

@@ -12,8 +12,16 @@ from torch import nn
 
 from mm.config import AdapterConfig, ConfigError
 from mm.conv import is_plain_conv, supports_layer_kind
+from mm.embedding import is_embedding
 from mm.errors import MMTuneError
-from mm.layer import AdaptedConv, AdaptedLinear, is_linear_like, linear_features, weight_out_in
+from mm.layer import (
+    AdaptedConv,
+    AdaptedEmbedding,
+    AdaptedLinear,
+    is_linear_like,
+    linear_features,
+    weight_out_in,
+)
 from mm.mha import PROJECTIONS, SplitMultiheadAttention
 
 
@@ -31,17 +39,17 @@ def adaptable_layers(model: nn.Module) -> list[str]:
 
 
 def adaptable_layer_kinds(model: nn.Module) -> dict[str, str]:
-    """Every adaptable layer's name -> its kind, 'linear' or 'conv' (see ``mm.conv.supports_layer_kind``)."""
+    """Every adaptable layer's name -> its kind, 'linear', 'conv' or 'embedding' (``mm.conv.supports_layer_kind``)."""
     kinds: dict[str, str] = {}
     for name, module in model.named_modules():
         if isinstance(module, AdaptedLinear):
             kinds[name] = module.kind
         elif isinstance(module, nn.MultiheadAttention):
             kinds.update((f"{name}.{p}" if name else p, "linear") for p in PROJECTIONS)
-        elif name and (is_linear_like(module) or is_plain_conv(module)) and not isinstance(
+        elif name and (is_linear_like(module) or is_plain_conv(module) or is_embedding(module)) and not isinstance(
             _parent(model, name), AdaptedLinear | nn.MultiheadAttention
         ):
-            kinds[name] = "conv" if is_plain_conv(module) else "linear"
+            kinds[name] = "conv" if is_plain_conv(module) else "embedding" if is_embedding(module) else "linear"
     return kinds
 
 
@@ -97,7 +105,8 @@ def select_targets(model: nn.Module, config: AdapterConfig) -> list[str]:
 
     A suffix or regex target reaches convolutions only when it reaches no linear layer: 'proj' keeps meaning
     a ViT's linear ``attn.proj`` (not its conv ``patch_embed.proj``), while 'conv1' or 'patch_embed.proj'
-    name convolutions. ``all-conv`` takes every convolution; ``all-linear`` never does.
+    name convolutions. ``all-conv`` takes every convolution; ``all-linear`` never does, nor any embedding.
+    An ``nn.Embedding`` is adapted whenever a target names it (as PEFT does).
     """
     kinds = adaptable_layer_kinds(model)
     heads = _output_head_names(model) if ALL_LINEAR in config.targets else set()
@@ -111,6 +120,8 @@ def select_targets(model: nn.Module, config: AdapterConfig) -> list[str]:
         linear = {n for n, kind in kinds.items() if kind == "linear" and matches(n)}
         linear |= {p for owner, projections in attention.items() if matches(owner) for p in projections}
         targeted |= linear or {n for n, kind in kinds.items() if kind == "conv" and matches(n)}
+        # Embeddings whenever named (as PEFT matches them), never by 'all-linear'.
+        targeted |= {n for n, kind in kinds.items() if kind == "embedding" and matches(n)}
     chosen = []
     for name in kinds:
         owner = name.rpartition(".")[0]
@@ -152,7 +163,8 @@ def attach(model: nn.Module, config: AdapterConfig, name: str = "default", *, ac
     if name in adapter_names(model):
         raise AttachError(f"model already has an adapter named {name!r}; delete it first or pick another name")
     targets = select_targets(model, config)
-    conv_adapters = _build_conv_adapters(model, config, targets)  # refuses before the model changes
+    _check_patterns_match(config, targets)
+    layer_adapters = _build_layer_adapters(model, config, targets)  # refuses before the model changes
     for mha_name in dict.fromkeys(t.rpartition(".")[0] for t in targets):
         owner = model.get_submodule(mha_name)
         if isinstance(owner, nn.MultiheadAttention):
@@ -163,36 +175,65 @@ def attach(model: nn.Module, config: AdapterConfig, name: str = "default", *, ac
     for target in targets:
         layer = model.get_submodule(target)
         if not isinstance(layer, AdaptedLinear):
-            layer = (AdaptedConv if target in conv_adapters else AdaptedLinear)(layer).train(layer.training)
+            wrapper = AdaptedEmbedding if is_embedding(layer) else AdaptedConv if target in layer_adapters else AdaptedLinear
+            layer = wrapper(layer).train(layer.training)
             _replace(model, target, layer)
-        if target in conv_adapters:
-            module = conv_adapters[target]
+        if target in layer_adapters:
+            module = layer_adapters[target]
         else:
             in_features, out_features = linear_features(layer.base)
-            module = config.build_for(target, in_features, out_features, weight_out_in(layer.base))
+            module = _layer_config(config, target).build_for(target, in_features, out_features,
+                                                             weight_out_in(layer.base))
         layer.add(name, module.train(layer.training), active=active)
         layer.adapters[name].config = config
     freeze_base(model)
     return model
 
 
-def _build_conv_adapters(model: nn.Module, config: AdapterConfig, targets: list[str]) -> dict[str, nn.Module]:
-    """The adapters for the convolutions among ``targets``; a method that does not adapt convolutions, or a
-    rank a layer cannot take, is a ConfigError naming the layer."""
+def _build_layer_adapters(model: nn.Module, config: AdapterConfig, targets: list[str]) -> dict[str, nn.Module]:
+    """The adapters for the convolutions and embeddings among ``targets``; a method that does not adapt that
+    kind of layer, or a rank a layer cannot take, is a ConfigError naming the layer."""
     adapters = {}
     for target in targets:
         if isinstance(_parent(model, target), nn.MultiheadAttention):
             continue  # its q/k/v/out projections exist only once attach splits it
         layer = model.get_submodule(target)
-        conv = layer.base if isinstance(layer, AdaptedConv) else layer
+        unwrapped = layer.base if isinstance(layer, AdaptedLinear) else layer
+        if is_embedding(unwrapped):
+            if not supports_layer_kind(config, "embedding"):
+                raise ConfigError(
+                    f"{config.method}: layer {target!r} is an {type(unwrapped).__name__}, and method "
+                    f"{config.method!r} does not adapt embeddings ('lora' does); exclude it or narrow 'targets'")
+            adapters[target] = config.build_embedding(target, unwrapped)
+            continue
+        conv = unwrapped
         if not is_plain_conv(conv):
             continue
         if not supports_layer_kind(config, "conv"):
             raise ConfigError(
                 f"{config.method}: layer {target!r} is a {type(conv).__name__}, and method {config.method!r} "
                 f"adapts linear layers only ('lora' adapts convolutions); exclude it or narrow 'targets'")
-        adapters[target] = config.build_conv(target, conv)
+        adapters[target] = _layer_config(config, target).build_conv(target, conv)
     return adapters
+
+
+def _layer_config(config: AdapterConfig, layer_name: str) -> AdapterConfig:
+    """The config for one layer: LoRA's ``rank_pattern`` / ``alpha_pattern`` may change its r and alpha."""
+    for_layer = getattr(config, "for_layer", None)
+    return for_layer(layer_name) if for_layer is not None else config
+
+
+def _check_patterns_match(config: AdapterConfig, targets: list[str]) -> None:
+    """A rank/alpha pattern that matches none of the adapted layers is a typo, not a no-op."""
+    from mm.adapters.lora import pattern_key
+
+    for key in ("rank_pattern", "alpha_pattern"):
+        patterns = getattr(config, key, None) or {}
+        used = {pattern_key(patterns, t) for t in targets}
+        unused = [p for p in patterns if p not in used]
+        if unused:
+            raise ConfigError(f"{config.method}: key {key!r}: pattern(s) {unused} match none of the adapted layers "
+                              f"({', '.join(targets[:6])}{' ...' if len(targets) > 6 else ''})")
 
 
 def freeze_base(model: nn.Module) -> None:

@@ -7,7 +7,9 @@ On convolutions (``ConvLoRA``) A is a convolution with the layer's kernel and B 
 
 from __future__ import annotations
 
+import dataclasses
 import math
+import re
 from dataclasses import dataclass, field
 from typing import ClassVar, Literal
 
@@ -27,7 +29,7 @@ class LoRAConfig(AdapterConfig):
 
     method: ClassVar[str] = "lora"
     #: Linear layers and nn.Conv1d/2d/3d (grouped and depthwise too); subclasses state their own kinds.
-    layer_kinds: ClassVar[tuple[str, ...]] = ("linear", "conv")
+    layer_kinds: ClassVar[tuple[str, ...]] = ("linear", "conv", "embedding")
 
     rslora: bool = field(default=False, metadata={"help": "Scale by alpha/sqrt(r) instead of alpha/r."})
     freeze_a: bool = field(
@@ -37,11 +39,32 @@ class LoRAConfig(AdapterConfig):
         default="kaiming",
         metadata={"help": "Init of A: 'kaiming' (uniform, as PEFT) or 'gaussian' (std 1/r). B starts at 0."},
     )
+    rank_pattern: dict[str, int] = field(
+        default_factory=dict,
+        metadata={"help": "Per-layer rank, as PEFT: {pattern: r}; a pattern matches a layer whose name ends in "
+                  "it (as a regex, after a dot or whole); the first matching pattern wins."},
+    )
+    alpha_pattern: dict[str, float] = field(
+        default_factory=dict, metadata={"help": "Per-layer alpha, matched as 'rank_pattern'."},
+    )
 
     def validate(self) -> None:
         super().validate()
         if self.init not in ("kaiming", "gaussian"):
             raise ConfigError(f"lora: key 'init' must be 'kaiming' or 'gaussian', got {self.init!r}")
+        for key, values, kind in (("rank_pattern", self.rank_pattern, int), ("alpha_pattern", self.alpha_pattern, float)):
+            for pattern, value in values.items():
+                _check_pattern(self.method, key, pattern, value, kind)
+
+    def for_layer(self, layer_name: str) -> LoRAConfig:
+        """This config with the rank and alpha that ``rank_pattern`` / ``alpha_pattern`` give ``layer_name``."""
+        r_key = pattern_key(self.rank_pattern, layer_name)
+        alpha_key = pattern_key(self.alpha_pattern, layer_name)
+        if r_key is None and alpha_key is None:
+            return self
+        return dataclasses.replace(
+            self, r=self.rank_pattern[r_key] if r_key is not None else self.r,
+            alpha=float(self.alpha_pattern[alpha_key]) if alpha_key is not None else self.alpha)
 
     @property
     def scaling(self) -> float:
@@ -54,6 +77,29 @@ class LoRAConfig(AdapterConfig):
         """The adapter for the convolution ``layer_name``; refuses a rank that would outgrow it."""
         check_conv_rank(layer_name, conv, self.r, self.method)
         return ConvLoRA(self, conv)
+
+    def build_embedding(self, layer_name: str, embedding: nn.Module) -> nn.Module:
+        """The adapter for the ``nn.Embedding`` ``layer_name``, in PEFT's layout (see ``mm.embedding``)."""
+        from mm.embedding import EmbeddingLoRA, check_embedding
+
+        check_embedding(layer_name, embedding, self.method, freeze_a=self.freeze_a)
+        return EmbeddingLoRA(embedding, self.r, self.scaling)
+
+
+def pattern_key(patterns: dict[str, object], layer_name: str) -> str | None:
+    """The first key of ``patterns`` matching ``layer_name`` as PEFT matches it: ``(.*\\.)?(key)$``."""
+    return next((key for key in patterns if re.match(rf"(.*\.)?({key})$", layer_name)), None)
+
+
+def _check_pattern(method: str, key: str, pattern: str, value: object, kind: type) -> None:
+    try:
+        re.compile(pattern)
+    except re.error as err:
+        raise ConfigError(f"{method}: key {key!r}: {pattern!r} is not a valid regular expression ({err})") from None
+    number = isinstance(value, int | float) and not isinstance(value, bool) and (kind is float or isinstance(value, int))
+    if not number or value <= 0:
+        what = "an integer >= 1" if kind is int else "a positive number"
+        raise ConfigError(f"{method}: key {key!r}: {pattern!r} must map to {what}, got {value!r}")
 
 
 def _init_a(lora_a: nn.Parameter, config: LoRAConfig) -> None:

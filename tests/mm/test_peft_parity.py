@@ -68,10 +68,10 @@ def test_export_refuses_methods_peft_lora_cannot_hold(tmp_path):
 
 def test_import_refuses_unsupported_peft_options(tmp_path):
     toy = TOYS["mlp"]
-    peft.get_peft_model(toy.build(), peft.LoraConfig(r=2, target_modules=["fc1"], use_dora=True)).save_pretrained(
-        tmp_path / "dora")
-    with pytest.raises(mm.AdapterStateError, match="adapter_config.json: key 'use_dora'"):
-        mm.import_peft(toy.build(), tmp_path / "dora")
+    peft.get_peft_model(toy.build(), peft.LoraConfig(r=2, target_modules=["fc1"], lora_bias=True)).save_pretrained(
+        tmp_path / "bias")  # (use_dora, refused here before, is imported since DoRA exists: tests/mm/test_dora.py)
+    with pytest.raises(mm.AdapterStateError, match="adapter_config.json: key 'lora_bias'"):
+        mm.import_peft(toy.build(), tmp_path / "bias")
 
 
 def test_import_of_layers_the_model_lacks_names_them(tmp_path):
