@@ -175,3 +175,17 @@ def test_eval_never_regenerates_a_runs_data_in_place(tmp_path, recipe_file, over
                                           "regenerate a run's data in place"):
         load_run_recipe(run, [override], "eval", warn=said.append)
     assert sorted(p.name for p in run.iterdir()) == ["config.yaml"], "nothing generated"
+
+
+def test_a_resumed_lr_keeps_each_parameter_groups_own_ratio(tmp_path):
+    """LoRA+ trains lora_B at lr x ratio: a lowered lr on resume lowers both groups, keeping the ratio."""
+    from train.engine.loop import Trainer
+
+    run, extra = tmp_path / "run", ("optim.loraplus_ratio=4", "optim.schedule=constant", "optim.warmup_steps=0",
+                                    "train.save_every=2")
+    train(digits_recipe(run, "train.max_steps=2", "optim.lr=0.02", *extra))
+    trainer = Trainer(digits_recipe(run, "train.max_steps=4", "optim.lr=0.005", *extra, "train.resume=auto"),
+                      say=lambda *_: None)
+    rates = sorted(group["lr"] for group in trainer.optimizer.param_groups)
+    assert rates == pytest.approx([0.005, 0.02]) and trainer.state.step == 2
+    assert trainer.scheduler.get_last_lr() == pytest.approx([g["lr"] for g in trainer.optimizer.param_groups])
