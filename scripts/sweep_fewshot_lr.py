@@ -4,7 +4,8 @@ For each candidate lr, shot count and seed: sample the k-shot training set from 
 split exactly as the demo does (``sample_k_shot``), train the recipe, and score it on the train-split images
 that were not among the shots (the validation pool). The seeds default to ones the demo does not use
 (the demo reports seeds 1-3), so the figures it reports were never looked at while choosing. Prints mean
-validation accuracy per lr and the best one; the recipe file is not edited.
+validation accuracy per lr and the best one; the recipe file is not edited. ``mmtune fewshot --select lr``
+does the same selection inside every run (train/tasks/fewshot_select.py, which this script shares).
 
     .venv/bin/python scripts/sweep_fewshot_lr.py --method qladder       # a few minutes on 2 cores
     .venv/bin/python scripts/sweep_fewshot_lr.py --quick                # smoke test: one lr, 1 shot, few steps
@@ -20,13 +21,10 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repo root, when run as a script
 
+from train.tasks.fewshot_select import validation_pool  # noqa: E402  (shared with mmtune fewshot --select lr)
+
 DEFAULT_LRS = [3e-3, 1e-2, 3e-2, 1e-1]
-
-
-def validation_pool(train_samples, shots_taken) -> list:
-    """The train-split samples that are not among the shots (compared by file path)."""
-    taken = {str(s.path) for s in shots_taken}
-    return [s for s in train_samples if str(s.path) not in taken]
+__all__ = ["DEFAULT_LRS", "main", "report", "sweep", "validation_pool"]
 
 
 def sweep(method: str, lrs: list[float], shots: list[int], seeds: list[int], settings=None,

@@ -171,3 +171,90 @@ def test_default_recipe_folders_hold_the_default_methods():
     recipes = check_methods(FewShotSettings(model="tiny-test", data="unused"))
     assert sorted(recipes) == sorted(set(DEFAULT_METHODS) - {"zero-shot", "linear-probe"})
     assert {p.stem for p in DEMO_RECIPES.glob("*.yaml")} >= {"lora", "block_lora", "qladder"}
+
+
+# ---------------------------------------------------------------------------- schedules that scale, lr selection
+
+
+def test_schedule_grows_with_shots_and_classes(tmp_path):
+    recipe_file = tmp_path / "scaled.yaml"
+    recipe_file.write_text(yaml.safe_dump({"adapters": [{"method": "lora", "targets": ["q_proj"]}],
+                                           "optim": {"lr": 1.0e-2, "batch_size": 32, "steps": 20, "epochs": 200}}))
+    recipe = load_recipe(recipe_file)
+    assert recipe.total_steps(1, 5) == 20 + 32  # ceil(200 passes x 5 images / 32)
+    assert recipe.total_steps(16, 5) == 20 + 500
+    assert recipe.total_steps(16, 10) == 20 + 1000  # twice the classes, twice the passes' steps
+    clip_lora = load_recipe(ROOT / "configs" / "clip" / "lora.yaml")
+    assert clip_lora.total_steps(16, 11) == 16 * clip_lora.total_steps(1, 11) == 8000  # CLIP-LoRA: 500 x shots
+    for path in sorted((ROOT / "configs" / "clip" / "demo").glob("*.yaml")):  # the demo's: 5 novel classes
+        demo = load_recipe(path)
+        steps = [demo.total_steps(k, 5) for k in (1, 2, 4, 8, 16)]
+        assert steps == sorted(steps) and steps[-1] >= 4 * steps[0], path.name
+    recipe_file.write_text(yaml.safe_dump({"adapters": [{"method": "lora", "targets": ["q_proj"]}],
+                                           "optim": {"lr": 1.0e-2, "epochs": -1.0}}))
+    with pytest.raises(mm.ConfigError, match="scaled.yaml: optim needs .*epochs >= 0"):
+        load_recipe(recipe_file)
+
+
+def test_validation_is_carved_outside_the_shots_per_class():
+    from data.fewshot import FewShotDataError, Sample, sample_k_shot
+    from train.tasks.fewshot_select import candidate_lrs, carve_validation
+
+    classes = ["a", "b", "c"]
+    train = [Sample(Path(f"train/{c}/{i}.png"), c) for c in range(3) for i in range(8)]
+    shots = sample_k_shot(train, 2, seed=1, classes=classes)
+    held = carve_validation(train, shots, per_class=4, seed=1, classes=classes)
+    assert sorted(s.label for s in held) == [0] * 4 + [1] * 4 + [2] * 4
+    assert not {s.path for s in held} & {s.path for s in shots}
+    assert held == carve_validation(train, shots, 4, 1, classes)  # the run's seed fixes the draw
+    assert len(carve_validation(train, shots, 100, 1, classes)) == 3 * 6  # at most the pool
+    with pytest.raises(FewShotDataError, match=r"class\(es\) \['a'\] have no training image outside the shots"):
+        carve_validation(train[:2] + train[8:], train[:2], 4, 1, classes)
+    assert candidate_lrs(3e-2, None) == [3e-3, 1e-2, 3e-2, 9e-2]
+    assert candidate_lrs(3e-2, [1e-1, 1e-3]) == [1e-3, 1e-1]
+
+
+def test_select_lr_picks_the_best_validation_accuracy_and_reports_it(tmp_path, capsys):
+    from data.fake_images import make_fake_fewshot_dataset
+    from train.cli import main
+
+    data = make_fake_fewshot_dataset(tmp_path / "data", "folder", classes=["red", "green", "blue"],
+                                     train_per_class=4, test_per_class=3, size=32)
+    recipes = tmp_path / "recipes"
+    recipes.mkdir()
+    (recipes / "lora.yaml").write_text(yaml.safe_dump(QUICK_RECIPES["lora"]))
+    out = tmp_path / "out"
+    assert main(["fewshot", "--model", "tiny-test", "--data", str(data), "--shots", "1", "--seeds", "1",
+                 "--methods", "zero-shot", "lora", "--recipes", str(recipes), "--out-dir", str(out),
+                 "--select", "lr", "--lrs", "1e-6", "3e-2", "--val-per-class", "2", "--no-progress"]) == 0
+    (record,) = [r for r in json.loads((out / "fewshot_results.json").read_text())["records"] if r["method"] == "lora"]
+    scores = record["validation"]
+    assert set(scores) == {"1e-06", "0.03"} and all(0.0 <= v <= 1.0 for v in scores.values())
+    best = max(sorted(scores, key=float), key=lambda lr: scores[lr])  # ties: the smaller lr
+    assert record["lr"] == pytest.approx(float(best))
+    table = capsys.readouterr().out
+    assert f"(lr {float(best):g})" in table and "| zero-shot |" in table
+    with pytest.raises(SystemExit):  # argparse: only 'lr' can be selected
+        main(["fewshot", "--model", "tiny-test", "--data", str(data), "--select", "wd"])
+
+
+def test_select_needs_a_training_image_beyond_the_shots(tmp_path, capsys):
+    from data.fake_images import make_fake_fewshot_dataset
+    from train.cli import main
+
+    data = make_fake_fewshot_dataset(tmp_path / "data", "folder", classes=["red", "green"], train_per_class=2,
+                                     test_per_class=1, size=32)
+    code = main(["fewshot", "--model", "tiny-test", "--data", str(data), "--shots", "2", "--methods", "lora",
+                 "--select", "lr", "--out-dir", str(tmp_path / "out"), "--no-progress"])
+    err = capsys.readouterr().err
+    assert code == 2 and "--shots 2 with --select lr (validation images outside the shots) needs 3 training" in err
+
+
+def test_zero_shot_alone_shows_its_accuracy():
+    from train.tasks.fewshot_report import markdown_table, summarize
+
+    record = {"method": "zero-shot", "shots": 0, "seed": None, "accuracy": 0.625, "trainable_params": 0,
+              "train_seconds": 0.0, "files": []}
+    assert markdown_table(summarize([record])).splitlines() == [
+        "| method | trainable params | accuracy | train s/run |", "|---|---|---|---|",
+        "| zero-shot | 0 | 62.5 ± 0.0 | 0.00 |"]

@@ -28,6 +28,13 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     parser.add_argument("--recipes", default=None, help="folder of method recipes (default: configs/clip)")
     parser.add_argument("--out-dir", default="outputs/fewshot")
     parser.add_argument("--save-adapters", action="store_true", help="save every trained adapter / QLadder")
+    parser.add_argument("--select", choices=["lr"], default=None,
+                        help="lr: choose each trained run's learning rate on validation images carved from the "
+                             "training split outside the shots (reported in the table); the test split is never used")
+    parser.add_argument("--lrs", type=float, nargs="+", default=None,
+                        help="candidate learning rates for --select lr (default: the recipe's lr x 0.1, 1/3, 1, 3)")
+    parser.add_argument("--val-per-class", type=int, default=16,
+                        help="validation images per class for --select lr (default 16)")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     return parser
@@ -41,7 +48,8 @@ def settings_from_args(args: argparse.Namespace):
         model=args.model, pretrained=args.pretrained, data=args.data, shots=args.shots, methods=args.methods,
         seeds=args.seeds, classes=args.classes, templates=args.templates or list(DEFAULT_TEMPLATES),
         recipes=args.recipes or str(DEFAULT_RECIPES), out_dir=args.out_dir, save_adapters=args.save_adapters,
-        device=args.device, progress=not args.no_progress,
+        device=args.device, progress=not args.no_progress, select=args.select, lrs=args.lrs,
+        val_per_class=args.val_per_class,
     )
 
 

@@ -5,7 +5,10 @@ L2-normalised image features, as in the CLIP paper) and any recipe ``<recipes>/<
 attached to the CLIP (through the adapter registry: lora, block_lora, ...), a QLadder beside the vision
 tower, or both, trained with cross-entropy on the prototype head's logits (CLIP-LoRA's protocol, without its
 random-crop/flip augmentation: every image is preprocessed once, as for evaluation). Every method sees the
-same K-shot sample for a given (shots, seed). Reports: ``train.tasks.fewshot_report``.
+same K-shot sample for a given (shots, seed). A recipe's schedule follows the shot and class counts
+(``optim.epochs`` passes over the shots x classes images, ``steps_per_shot``). With ``select: lr`` each
+trained run picks its learning rate on validation images carved from the training split outside the shots
+(train/tasks/fewshot_select.py). Reports: ``train.tasks.fewshot_report``.
 """
 
 from __future__ import annotations
@@ -32,7 +35,7 @@ from mm.qladder import QLadderConfig, load_qladder, save_qladder
 BUILTIN_METHODS = ("zero-shot", "linear-probe")
 DEFAULT_METHODS = ("zero-shot", "linear-probe", "lora", "block_lora", "qladder")
 DEFAULT_RECIPES = Path(__file__).resolve().parents[2] / "configs" / "clip"  # train/tasks/ -> repo root
-OPTIM_KEYS = {"lr", "weight_decay", "batch_size", "steps", "steps_per_shot"}
+OPTIM_KEYS = {"lr", "weight_decay", "batch_size", "steps", "steps_per_shot", "epochs"}
 RECIPE_KEYS = {"description", "adapters", "qladder", "optim"}
 
 
@@ -48,11 +51,14 @@ class Recipe:
     batch_size: int = 32
     steps: int = 0
     steps_per_shot: int = 0
+    epochs: float = 0.0
     description: str = ""
     source: str = ""
 
-    def total_steps(self, shots: int) -> int:
-        return self.steps + self.steps_per_shot * shots
+    def total_steps(self, shots: int, classes: int = 1) -> int:
+        """``steps`` + ``steps_per_shot`` x shots (CLIP-LoRA: 500 per shot) + ``epochs`` passes over the
+        shots x classes training images: the schedule grows with the shot and class counts."""
+        return self.steps + self.steps_per_shot * shots + math.ceil(self.epochs * shots * classes / self.batch_size)
 
 
 def load_recipe(path: str | Path) -> Recipe:
@@ -82,8 +88,9 @@ def load_recipe(path: str | Path) -> Recipe:
             raise mm.ConfigError(f"{path}: optim.{key} expects {kind.__name__}, got {value!r}{hint}")
     recipe = Recipe(name=path.stem, adapters=adapters, qladder=ladder, description=raw.get("description", ""),
                     source=str(path), **{k: optim[k] for k in OPTIM_KEYS & set(optim)})
-    if recipe.total_steps(1) < 1 or recipe.batch_size < 1 or recipe.lr <= 0:
-        raise mm.ConfigError(f"{path}: optim needs steps + steps_per_shot >= 1, batch_size >= 1, lr > 0")
+    if recipe.total_steps(1) < 1 or recipe.batch_size < 1 or recipe.lr <= 0 or recipe.epochs < 0:
+        raise mm.ConfigError(f"{path}: optim needs steps + steps_per_shot + epochs > 0, batch_size >= 1, lr > 0, "
+                             "epochs >= 0")
     return recipe
 
 
@@ -118,6 +125,9 @@ class FewShotSettings:
     eval_batch_size: int = 256
     device: str = "cpu"
     progress: bool = True
+    select: str | None = None  # "lr": choose each trained run's lr on validation images outside the shots
+    lrs: list[float] | None = None  # candidate lrs for select (None: the recipe's lr x DEFAULT_LR_FACTORS)
+    val_per_class: int = 16  # validation images per class for select
 
 
 @dataclass
@@ -129,6 +139,8 @@ class RunRecord:
     trainable_params: int
     train_seconds: float
     files: list[str] = field(default_factory=list)
+    lr: float | None = None  # the learning rate used (chosen on validation with select: lr)
+    validation: dict[str, float] | None = None  # lr -> validation accuracy, with select: lr
 
 
 class ImageCache:
@@ -190,7 +202,7 @@ def train_recipe(encoder: nn.Module, head: ClipPrototypeHead, recipe: Recipe, im
     """Cross-entropy on the head's logits with AdamW and a cosine schedule; returns the seconds spent."""
     params = [p for p in encoder.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=recipe.lr, weight_decay=recipe.weight_decay)
-    steps = recipe.total_steps(shots)
+    steps = recipe.total_steps(shots, len(set(labels.tolist())))
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 0.5 * (1 + math.cos(math.pi * s / steps)))
     generator = torch.Generator().manual_seed(seed)
     order, position = torch.randperm(len(labels), generator=generator), 0
@@ -288,18 +300,27 @@ def preflight(settings: FewShotSettings, data: FewShotData) -> dict[tuple[int, i
                              f"{settings.methods}")
     if str(settings.device).startswith("cuda") and not torch.cuda.is_available():
         raise mm.ConfigError(f"--device {settings.device}: no CUDA device is available here; use --device cpu")
+    if settings.select not in (None, "lr"):
+        raise mm.ConfigError(f"--select: expected 'lr', got {settings.select!r}")
+    if settings.select and (settings.val_per_class < 1 or any(lr <= 0 for lr in settings.lrs or [])):
+        raise mm.ConfigError(f"--val-per-class / --lrs: expected >= 1 and lrs > 0, got {settings.val_per_class}, "
+                             f"{settings.lrs}")
     repeated = sorted({m for m in settings.methods if settings.methods.count(m) > 1})
     if repeated:
         raise mm.ConfigError(f"--methods: {repeated} given more than once")
     train, test = data.split("train"), data.split("test")
-    counts, need = Counter(s.label for s in train), max(settings.shots)
+    counts, need = Counter(s.label for s in train), max(settings.shots) + (1 if settings.select else 0)
     short = [f"{name!r} has {counts.get(i, 0)}" for i, name in enumerate(data.classes) if counts.get(i, 0) < need]
     if short:
-        raise FewShotDataError(f"{data.source}: --shots {need} needs {need} training images in every class; "
+        why = f"--shots {max(settings.shots)}" + (" with --select lr (validation images outside the shots)"
+                                                   if settings.select else "")
+        raise FewShotDataError(f"{data.source}: {why} needs {need} training images in every class; "
                                f"class {'; class '.join(short)}")
     shot_sets = {(k, seed): sample_k_shot(train, k, seed, data.classes)
                  for k in settings.shots for seed in settings.seeds}
     used = {s.path for s in test} | {s.path for samples in shot_sets.values() for s in samples}
+    if settings.select:
+        used |= {s.path for s in train}  # validation images come from the rest of the training split
     missing = sorted(str(p) for p in used if not Path(p).is_file())
     if missing:
         more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
@@ -348,10 +369,17 @@ def run_fewshot(settings: FewShotSettings, log: Callable[[str], None] = print) -
         for seed in settings.seeds:
             train_x, train_y = cache.stack(shot_sets[shots, seed])
             train_x, train_y = train_x.to(settings.device), train_y.to(settings.device)
+            validation = None
+            if settings.select:
+                from train.tasks.fewshot_select import carve_validation
+
+                held = carve_validation(data.split("train"), shot_sets[shots, seed], settings.val_per_class, seed,
+                                        data.classes)
+                validation = tuple(t.to(settings.device) for t in cache.stack(held))
             for method in trained:
                 bar.set_postfix_str(f"{method} {shots}-shot seed {seed}")
                 keep(_run_method(method, recipes.get(method), settings, bundle, data, shots, seed,
-                                 (train_x, train_y), (test_x, test_y), frozen_test))
+                                 (train_x, train_y), (test_x, test_y), frozen_test, validation))
                 bar.update()
     bar.close()
     return results
@@ -359,18 +387,30 @@ def run_fewshot(settings: FewShotSettings, log: Callable[[str], None] = print) -
 
 def _run_method(method: str, recipe: Recipe | None, settings: FewShotSettings, bundle: ClipBundle,
                 data: FewShotData, shots: int, seed: int, train: tuple, test: tuple,
-                frozen_test: torch.Tensor) -> RunRecord:
+                frozen_test: torch.Tensor, validation: tuple | None = None) -> RunRecord:
     (train_x, train_y), (test_x, test_y) = train, test
     if method == "linear-probe":
         start = time.perf_counter()
         features = encode_images(bundle.model, train_x, settings.eval_batch_size)
         acc, params = linear_probe_accuracy(features, train_y, frozen_test, test_y, seed, settings.linear_probe_c)
         return RunRecord(method, shots, seed, acc, params, time.perf_counter() - start)
-    encoder = build_adapted(bundle.model, recipe, seed)
-    head = make_head(bundle, encoder, data.classes, settings.templates)
-    seconds = train_recipe(encoder, head, recipe, train_x, train_y, shots, seed)
+    def train_candidate(candidate: Recipe) -> tuple[nn.Module, ClipPrototypeHead, float]:
+        encoder = build_adapted(bundle.model, candidate, seed)
+        head = make_head(bundle, encoder, data.classes, settings.templates)
+        return encoder, head, train_recipe(encoder, head, candidate, train_x, train_y, shots, seed)
+
+    lr, scores = recipe.lr, None
+    if validation is not None:
+        from train.tasks.fewshot_select import candidate_lrs, select_lr
+
+        chosen = select_lr(recipe, candidate_lrs(recipe.lr, settings.lrs), train_candidate,
+                           lambda enc, head: accuracy(enc, head, *validation, settings.eval_batch_size))
+        encoder, head, seconds, lr = chosen.encoder, chosen.head, chosen.seconds, chosen.lr
+        scores = {f"{k:g}": v for k, v in chosen.scores.items()}
+    else:
+        encoder, head, seconds = train_candidate(recipe)
     acc = accuracy(encoder, head, test_x, test_y, settings.eval_batch_size)
     files = []
     if settings.save_adapters:
         files = save_trained(encoder, Path(settings.out_dir) / "adapters" / f"{method}_{shots}shot_seed{seed}")
-    return RunRecord(method, shots, seed, acc, trainable_parameters(encoder), seconds, files)
+    return RunRecord(method, shots, seed, acc, trainable_parameters(encoder), seconds, files, lr, scores)

@@ -30,6 +30,7 @@ def summarize(records: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
             "std": statistics.stdev(accuracies) if len(accuracies) > 1 else 0.0,
             "trainable_params": max(r["trainable_params"] for r in runs),
             "train_seconds": statistics.fmean(r["train_seconds"] for r in runs),
+            "selected_lrs": sorted({r["lr"] for r in runs if r.get("validation")}),
         })
     return rows
 
@@ -38,17 +39,27 @@ def _methods(rows: Sequence[dict[str, Any]]) -> list[str]:
     return list(dict.fromkeys(r["method"] for r in rows))
 
 
+def _cell(row: dict[str, Any] | None) -> str:
+    """``mean ± std`` in percent, and the lr(s) chosen on validation when there was a selection."""
+    if not row:
+        return ""
+    lrs = row.get("selected_lrs") or []
+    chosen = f" (lr {'/'.join(f'{lr:g}' for lr in lrs)})" if lrs else ""
+    return f"{100 * row['mean']:.1f} ± {100 * row['std']:.1f}{chosen}"
+
+
 def markdown_table(rows: Sequence[dict[str, Any]]) -> str:
-    """Methods down, shots across; cells are ``mean ± std`` accuracy in percent."""
-    shots = sorted({r["shots"] for r in rows if r["shots"] > 0})
+    """Methods down, shots across; cells are ``mean ± std`` accuracy in percent (with ``--select lr``, the
+    learning rates chosen on validation over the seeds in brackets). Zero-shot alone: one accuracy column."""
+    shots = sorted({r["shots"] for r in rows if r["shots"] > 0}) or [0]
     cell = {(r["method"], r["shots"]): r for r in rows}
-    header = ["method", "trainable params", *[f"{k}-shot" for k in shots], "train s/run"]
+    header = ["method", "trainable params", *[f"{k}-shot" if k else "accuracy" for k in shots], "train s/run"]
     lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
     for method in _methods(rows):
         runs = [cell[(method, k)] for k in shots if (method, k) in cell] or [cell[(method, 0)]]
         zero = cell.get((method, 0))
         values = [zero if zero else cell.get((method, k)) for k in shots]
-        texts = [f"{100 * v['mean']:.1f} ± {100 * v['std']:.1f}" if v else "" for v in values]
+        texts = [_cell(v) for v in values]
         seconds = statistics.fmean(r["train_seconds"] for r in runs)
         lines.append(f"| {method} | {runs[0]['trainable_params']:,} | " + " | ".join(texts) + f" | {seconds:.2f} |")
     return "\n".join(lines)
