@@ -49,7 +49,7 @@ def sweep(method: str, lrs: list[float], shots: list[int], seeds: list[int], set
     data = select_classes(load_fewshot_data(data_dir), "novel")
     recipe = find_recipe(method, settings.recipes)
     if max_steps is not None:
-        recipe = dataclasses.replace(recipe, steps=max_steps, steps_per_shot=0)
+        recipe = dataclasses.replace(recipe, steps=max_steps, steps_per_shot=0, epochs=0.0)
     cache = ImageCache(bundle.preprocess)
     scores: dict[float, list[float]] = {lr: [] for lr in lrs}
     for k in shots:
