@@ -211,3 +211,30 @@ class AdaptedConv(AdaptedLinear):
 
     def extra_repr(self) -> str:
         return f"{describe_conv(self.base)}, active={list(self.active)}"
+
+
+class AdaptedEmbedding(AdaptedLinear):
+    """A frozen ``nn.Embedding`` plus named adapters (``mm.embedding``): the same adapter dictionary, routing,
+    merge and disable as ``AdaptedLinear``; adapters receive the token ids and merge into the lookup table."""
+
+    kind = "embedding"
+
+    @staticmethod
+    def features_of(base: nn.Module) -> tuple[int, int]:
+        return int(base.num_embeddings), int(base.embedding_dim)
+
+    # transformers reads these from whatever get_input_embeddings() returns.
+    @property
+    def num_embeddings(self) -> int:
+        return self.base.num_embeddings
+
+    @property
+    def embedding_dim(self) -> int:
+        return self.base.embedding_dim
+
+    @property
+    def padding_idx(self) -> int | None:
+        return self.base.padding_idx
+
+    def extra_repr(self) -> str:
+        return f"num_embeddings={self.in_features}, dim={self.out_features}, active={list(self.active)}"

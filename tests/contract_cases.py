@@ -28,9 +28,13 @@ class Case:
         return mm.AdapterConfig.from_dict({"method": self.method, "targets": targets, **self.options})
 
     def adapts(self, layer_kind: str) -> bool:
-        """Whether the method attaches to layers of ``layer_kind`` ('linear', 'conv')."""
+        """Whether the method attaches to layers of ``layer_kind`` ('linear', 'conv', 'embedding')."""
         from mm.conv import supports_layer_kind
 
+        if layer_kind == "embedding" and (self.options.get("freeze_a") or self.options.get("rank_pattern")):
+            # An embedding LoRA's A starts at zero, so FFA's frozen A is refused there (test_embedding_lora);
+            # the pattern row's patterns name the linear toys' layers, none of the embedding toy's.
+            return False
         return supports_layer_kind(self.config(["x"]), layer_kind)
 
 

@@ -154,3 +154,23 @@ CONV_TOYS = {
         nn.Conv3d(2, 8, (3, 3, 3), padding=1), nn.Conv3d(8, 8, (1, 3, 3), stride=(1, 2, 2), padding=(0, 1, 1)))),
         _input((2, 2, 4, 6, 6)), ["conv1", "conv2"]),
 }
+
+
+class TinyEmbedder(nn.Module):
+    """Token and position embeddings (the token table has a padding row) into a linear head."""
+
+    def __init__(self, vocab: int = 40, positions: int = 8, dim: int = 16, classes: int = 5) -> None:
+        super().__init__()
+        self.tokens = nn.Embedding(vocab, dim, padding_idx=0)
+        self.positions = nn.Embedding(positions, dim)
+        self.head = nn.Linear(dim, classes)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        h = self.tokens(ids) + self.positions(torch.arange(ids.shape[-1], device=ids.device))
+        return self.head(torch.nn.functional.gelu(h)).mean(dim=-2)
+
+
+#: Toys whose targets are nn.Embedding layers, for the methods that adapt embeddings.
+EMBEDDING_TOYS = {
+    "embedding": Toy("embedding", _seeded(TinyEmbedder), _input((3, 6), vocab=40), ["tokens", "positions"]),
+}

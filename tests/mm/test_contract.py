@@ -1,12 +1,13 @@
 """The contract every adapter method keeps, on every toy backbone (MLP, MHA ViT, Llama, GPT-2 Conv1D), and for
-the methods that adapt convolutions, on the conv toys (Conv1d, Conv2d, grouped, depthwise, Conv3d)."""
+the methods that adapt convolutions, on the conv toys (Conv1d, Conv2d, grouped, depthwise, Conv3d), and for those
+that adapt embeddings, on the embedding toy (token and position nn.Embedding)."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 from contract_cases import CASES, Case, perturb
-from toys import CONV_TOYS, TOYS, Toy
+from toys import CONV_TOYS, EMBEDDING_TOYS, TOYS, Toy
 
 import mm
 
@@ -25,7 +26,9 @@ def pytest_generate_tests(metafunc):
     if {"toy", "case"} <= set(metafunc.fixturenames):
         pairs = [(t, c) for t in sorted(TOYS) for c in sorted(CASES)]
         pairs += [(t, c) for t in sorted(CONV_TOYS) for c in sorted(CASES) if CASES[c].adapts("conv")]
-        metafunc.parametrize(("toy", "case"), [({**TOYS, **CONV_TOYS}[t], CASES[c]) for t, c in pairs],
+        pairs += [(t, c) for t in sorted(EMBEDDING_TOYS) for c in sorted(CASES) if CASES[c].adapts("embedding")]
+        toys = {**TOYS, **CONV_TOYS, **EMBEDDING_TOYS}
+        metafunc.parametrize(("toy", "case"), [(toys[t], CASES[c]) for t, c in pairs],
                              ids=[f"{t}-{c}" for t, c in pairs])
 
 
@@ -73,7 +76,9 @@ def _reference_through_delta_weight(adapter: mm.Adapter) -> None:
 
     def forward(x, out, base):
         delta = adapter.delta_weight(base)
-        if delta.dim() > 2:  # a convolution's update: a kernel applied with the layer's own geometry
+        if isinstance(base, torch.nn.Embedding):  # an embedding's update: rows of a (num_embeddings, dim) table
+            update = torch.nn.functional.embedding(x, delta, base.padding_idx)
+        elif delta.dim() > 2:  # a convolution's update: a kernel applied with the layer's own geometry
             from mm.conv import conv_fn
 
             update = conv_fn(base)(x.to(delta.dtype), delta, None, base.stride, base.padding, base.dilation,
