@@ -1,60 +1,39 @@
 """``mmtune cluster``: cluster one data set's features with MLC, k-means and spectral clustering in one run.
 
 Scores against the true labels: ACC (best one-to-one cluster -> class map, Hungarian algorithm via
-scipy's ``linear_sum_assignment``), NMI and ARI (scikit-learn). Sources: scikit-learn's digits, Fashion-MNIST
-from the Debian package ``dataset-fashion-mnist``, M3LEO chips (per-chip band statistics, labelled by the
-dominant ESA WorldCover class) or an ``.npz`` with ``features`` and ``labels``.
+scipy's ``linear_sum_assignment``), NMI and ARI (scikit-learn); unlabeled data gets cluster sizes only.
+Sources (digits, MNIST/Fashion-MNIST IDX files, image folders, csv, npz, M3LEO) live in
+data/cluster_sources.py; features are the raw numbers or a CLIP image tower's embeddings
+(``data.features: clip``). ``assignments: out.csv`` writes every sample's cluster per method and seed.
 """
 
 from __future__ import annotations
 
-import gzip
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import numpy as np
 
+from data.cluster_sources import (  # noqa: F401  (read_idx, stratified... are this module's API too)
+    FASHION_MNIST_DIR,
+    SOURCES,
+    ClusterDataConfig,
+    ClusterDataError,
+    ClusterSamples,
+    m3leo_features,
+    read_feature_npz,
+    read_idx,
+    read_samples,
+    stratified,
+)
 from data.fake_m3leo import EODataConfig
 from heads.mlc import MLCConfig
 from mm.config import ConfigError
-from mm.errors import MMTuneError
 
-FASHION_MNIST_DIR = "/usr/share/datasets/fashion-mnist"
 METHODS = ("mlc", "kmeans", "spectral")
-SOURCES = ("digits", "fashion_mnist", "m3leo", "npz")
-
-
-class ClusterDataError(MMTuneError, ValueError):
-    """A feature file cannot be used (wrong format, missing arrays, bad values); the message names it."""
-
-
-@dataclass
-class ClusterDataConfig:
-    source: Literal["digits", "fashion_mnist", "m3leo", "npz"] = field(
-        default="digits", metadata={"help": "Where the features come from."})
-    path: str = field(default="", metadata={"help": "npz file (source npz) or Fashion-MNIST folder (default "
-                                                    f"{FASHION_MNIST_DIR})."})
-    split: str = field(default="test", metadata={"help": "Fashion-MNIST (train/test) or M3LEO split."})
-    limit: int | None = field(default=None, metadata={"help": "Use this many samples (class-stratified)."})
-    max_shift: int = field(default=1, metadata={"help": "Images: MLC's init augmentation shifts up to this many px."})
-    flip: bool = field(default=False, metadata={"help": "Images: the augmentation also mirrors left-right "
-                                                      "(clothes: yes; digits: no)."})
-    m3leo: dict[str, Any] = field(default_factory=dict, metadata={
-        "help": "M3LEO data keys (data.fake_m3leo.EODataConfig: split_file or synthetic, modalities, ...)."})
-
-    def __post_init__(self) -> None:
-        if self.source not in SOURCES:
-            raise ConfigError(f"key 'data.source': unknown source {self.source!r}; expected one of "
-                              f"{', '.join(SOURCES)}")
-        if self.source == "npz" and not self.path:
-            raise ConfigError("key 'data.path': source npz needs the path of an .npz file with arrays "
-                              "'features' (n, D) and 'labels' (n,)")
-        if self.limit is not None and (isinstance(self.limit, bool) or not isinstance(self.limit, int)
-                                       or self.limit < 2):
-            raise ConfigError(f"key 'data.limit': expected null or an integer >= 2, got {self.limit!r}")
 
 
 @dataclass
@@ -66,6 +45,7 @@ class ClusterRecipe:
     spectral_neighbors: int = 10
     standardize: bool = False
     threads: int = 1  # torch CPU threads: MLC's ops are small, extra threads mostly spin
+    assignments: str | None = None  # csv: id, label, then one cluster column per method and seed
 
     def __post_init__(self) -> None:
         def is_int(value: Any) -> bool:
@@ -103,135 +83,68 @@ def clustering_scores(labels: np.ndarray, clusters: np.ndarray) -> dict[str, flo
             "ARI": float(adjusted_rand_score(labels, clusters))}
 
 
-# ---------------------------------------------------------------------------- feature sources
+# ---------------------------------------------------------------------------- features
 
 
-def read_idx(path: Path) -> np.ndarray:
-    """An IDX (MNIST format) array from a .gz file."""
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: not found (key 'data.path'); Fashion-MNIST comes from the Debian "
-                                "package 'dataset-fashion-mnist' (apt-get install dataset-fashion-mnist)")
-    try:
-        with gzip.open(path, "rb") as handle:
-            raw = handle.read()
-    except (OSError, EOFError) as err:  # not gzip, or cut short
-        raise ClusterDataError(f"{path}: not a readable gzip-compressed IDX file ({err})") from None
-    if len(raw) < 4 or raw[:2] != b"\0\0" or raw[2] != 0x08:
-        raise ClusterDataError(f"{path}: not an unsigned-byte IDX file (expected the magic 00 00 08 <ndim>)")
-    ndim = raw[3]
-    if len(raw) < 4 + 4 * ndim:
-        raise ClusterDataError(f"{path}: IDX header cut short ({len(raw)} bytes for {ndim} dimensions)")
-    shape = tuple(int.from_bytes(raw[4 + 4 * i : 8 + 4 * i], "big") for i in range(ndim))
-    data = np.frombuffer(raw, np.uint8, offset=4 + 4 * ndim)
-    if data.size != int(np.prod(shape)):
-        raise ClusterDataError(f"{path}: IDX header says {shape}, file holds {data.size} values")
-    return data.reshape(shape)
+def load_samples(data: ClusterDataConfig, seed: int = 0) -> ClusterSamples:
+    """The source's samples (data/cluster_sources.py), embedded by the CLIP tower if ``data.features`` is
+    clip, then class-stratified down to ``data.limit``."""
+    samples = read_samples(data)
+    index = stratified(samples.labels, data.limit, seed, count=len(samples.x))
+    samples = ClusterSamples(samples.x[index], None if samples.labels is None else samples.labels[index],
+                             samples.image_shape, [samples.ids[i] for i in index])
+    if data.features == "clip":
+        samples = ClusterSamples(clip_features(samples, data), samples.labels, None, samples.ids)
+    return samples
 
 
-def read_feature_npz(path: str | Path) -> tuple[np.ndarray, np.ndarray]:
-    """``features`` (n, D) finite numbers and ``labels`` (n,) of an ``.npz``; anything else names the file."""
-    import zipfile
-
-    path = Path(path)
-    expected = "an .npz archive (numpy.savez) with arrays 'features' (n, D) and 'labels' (n,)"
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: no such feature file (key 'data.path'); expected {expected}")
-    try:
-        archive = np.load(path, allow_pickle=False)
-        if not isinstance(archive, np.lib.npyio.NpzFile):
-            raise ClusterDataError(f"{path}: a single .npy array; expected {expected}")
-        with archive:
-            missing = sorted({"features", "labels"} - set(archive.files))
-            if missing:
-                raise ClusterDataError(f"{path}: no array(s) {missing} (found {archive.files}); expected {expected}")
-            x, y = archive["features"], archive["labels"]
-    except (ValueError, OSError, EOFError, zipfile.BadZipFile) as err:
-        if isinstance(err, MMTuneError):
-            raise
-        # numpy's ValueError here advises allow_pickle=True (unsafe, and wrong for a CSV): not repeated
-        detail = "" if isinstance(err, ValueError) else f" ({type(err).__name__}: {err})"
-        raise ClusterDataError(f"{path}: not readable as {expected}{detail}") from None
-    if x.dtype.kind not in "biuf" or y.dtype.kind not in "biuU":
-        raise ClusterDataError(f"{path}: 'features' must be numbers and 'labels' numbers or strings, got "
-                               f"dtypes {x.dtype} and {y.dtype}")
-    if x.ndim != 2 or y.ndim != 1 or len(x) != len(y) or len(y) < 2:
-        raise ClusterDataError(f"{path}: expected 'features' (n, D) and 'labels' (n,) with n >= 2, got shapes "
-                               f"{x.shape} and {y.shape}")
-    if not np.isfinite(x).all():
-        bad = int((~np.isfinite(x)).any(axis=1).sum())
-        raise ClusterDataError(f"{path}: 'features' has NaN or infinite values in {bad} row(s)")
-    return x, y
+def load_features(data: ClusterDataConfig) -> tuple[np.ndarray, np.ndarray | None, tuple[int, ...] | None]:
+    """(features (n, D) float32, labels (n,) or None, image shape or None)."""
+    samples = load_samples(data)
+    return samples.x, samples.labels, samples.image_shape
 
 
-def stratified(labels: np.ndarray, limit: int | None, seed: int = 0) -> np.ndarray:
-    """Indices of about ``limit`` samples, the same share of every class (all when limit is None)."""
-    if limit is None or limit >= len(labels):
-        return np.arange(len(labels))
-    rng = np.random.default_rng(seed)
-    picks = [rng.permutation(np.flatnonzero(labels == c))[: max(1, round(limit * np.mean(labels == c)))]
-             for c in np.unique(labels)]
-    return np.sort(np.concatenate(picks))
+def clip_features(samples: ClusterSamples, data: ClusterDataConfig, batch_size: int = 64) -> np.ndarray:
+    """Unit-length image embeddings of ``data.encoder`` (encoders/clip.py) with its own preprocessing."""
+    import torch
+    from PIL import Image
+
+    from encoders.clip import create_clip
+
+    shape = samples.image_shape
+    if shape is None:
+        raise ConfigError(f"key 'data.features': clip embeds images, but source {data.source!r} gives plain "
+                          "features (csv/npz rows that are images need data.image_shape)")
+    bundle = create_clip(data.encoder, data.encoder_pretrained, seed=0)
+    out = []
+    with torch.no_grad():
+        for start in range(0, len(samples.x), batch_size):
+            images = []
+            for row in samples.x[start : start + batch_size]:
+                pixels = row.reshape(shape)
+                pixels = pixels.transpose(1, 2, 0) if len(shape) == 3 else pixels  # (H, W, C) for PIL
+                pixels = pixels[..., 0] if pixels.ndim == 3 and pixels.shape[-1] == 1 else pixels
+                image = Image.fromarray((np.clip(pixels, 0, 1) * 255).round().astype(np.uint8)).convert("RGB")
+                images.append(bundle.preprocess(image))
+            embedded = bundle.model.encode_image(torch.stack(images)).float()
+            out.append(torch.nn.functional.normalize(embedded, dim=-1).numpy())
+    return np.concatenate(out).astype(np.float32)
 
 
-def load_features(data: ClusterDataConfig) -> tuple[np.ndarray, np.ndarray, tuple[int, int] | None]:
-    """(features (n, D) float32, labels (n,), image shape or None)."""
-    image_shape = None
-    if data.source == "digits":
-        from sklearn.datasets import load_digits
-
-        bunch = load_digits()
-        x, y, image_shape = bunch.data / 16.0, bunch.target, (8, 8)
-    elif data.source == "fashion_mnist":
-        folder = Path(data.path or FASHION_MNIST_DIR)
-        prefix = "t10k" if data.split == "test" else "train"
-        images = read_idx(folder / f"{prefix}-images-idx3-ubyte.gz")
-        y = read_idx(folder / f"{prefix}-labels-idx1-ubyte.gz")
-        x, image_shape = images.reshape(len(images), -1) / 255.0, (28, 28)
-    elif data.source == "npz":
-        x, y = read_feature_npz(data.path)
-    else:
-        from data.fake_m3leo import ensure_chips
-
-        x, y = m3leo_features(ensure_chips(EODataConfig(**data.m3leo)), data.split)
-    index = stratified(np.asarray(y), data.limit)
-    return np.asarray(x, np.float32)[index], np.asarray(y)[index], image_shape
-
-
-def m3leo_features(config: Any, split: str) -> tuple[np.ndarray, np.ndarray]:
-    """Per chip: masked mean and std of every normalised band; label: the dominant WorldCover class."""
-    from data.m3leo import M3LEODataset
-
-    if "landcover" not in config.labels:
-        config.labels = [*config.labels, "landcover"]
-    dataset = M3LEODataset(config, split)
-    rows, labels = [], []
-    for i in range(len(dataset)):
-        sample = dataset[i]
-        parts = []
-        for product in config.modalities:
-            values, mask = sample[product].numpy(), sample[f"{product}_mask"].numpy()
-            count = np.maximum(mask.sum((1, 2)), 1)
-            mean = (values * mask).sum((1, 2)) / count
-            parts += [mean, np.sqrt(((values - mean[:, None, None]) ** 2 * mask).sum((1, 2)) / count)]
-        rows.append(np.concatenate(parts))
-        labels.append(sample["landcover_dominant"])
-    return np.stack(rows), np.asarray(labels)
-
-
-def image_shift_augment(shape: tuple[int, int], max_shift: int = 1, noise: float = 0.05,
+def image_shift_augment(shape: tuple[int, ...], max_shift: int = 1, noise: float = 0.05,
                         flip: bool = False) -> Callable:
-    """Augment flattened images: a random translation by up to ``max_shift`` pixels, optionally a left-right
-    mirror of a random half of the batch, plus Gaussian noise."""
+    """Augment flattened images of ``shape`` ((H, W) or (C, H, W)): a random translation by up to
+    ``max_shift`` pixels, optionally a left-right mirror of a random half of the batch, plus Gaussian noise."""
     import torch
 
     def augment(x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
         images = x.reshape(len(x), *shape)
         if flip:
             mirror = torch.rand(len(x), generator=generator) < 0.5
-            images = torch.where(mirror[:, None, None], images.flip(-1), images)
+            images = torch.where(mirror.view(-1, *[1] * len(shape)), images.flip(-1), images)
         padded = torch.nn.functional.pad(images, (max_shift,) * 4)
         dy, dx = torch.randint(0, 2 * max_shift + 1, (2,), generator=generator).tolist()
-        shifted = padded[:, dy : dy + shape[0], dx : dx + shape[1]].reshape(len(x), -1)
+        shifted = padded[..., dy : dy + shape[-2], dx : dx + shape[-1]].reshape(len(x), -1)
         return shifted + noise * torch.randn(shifted.shape, generator=generator)
 
     return augment
@@ -241,7 +154,7 @@ def image_shift_augment(shape: tuple[int, int], max_shift: int = 1, noise: float
 
 
 def cluster_once(method: str, x: np.ndarray, k: int, seed: int, recipe: ClusterRecipe,
-                 image_shape: tuple[int, int] | None, log: Callable[[str], None]) -> np.ndarray:
+                 image_shape: tuple[int, ...] | None, log: Callable[[str], None]) -> np.ndarray:
     if method == "kmeans":
         from sklearn.cluster import KMeans
 
@@ -261,6 +174,9 @@ def cluster_once(method: str, x: np.ndarray, k: int, seed: int, recipe: ClusterR
         config = dataclasses.replace(recipe.mlc, num_clusters=k, seed=seed)
         data = recipe.data
         augment = image_shift_augment(image_shape, data.max_shift, flip=data.flip) if image_shape else None
+        if augment is None:  # said, not silent: data.max_shift/data.flip need images
+            log("mlc: the features are not images (no image shape; csv/npz rows that are images need "
+                "data.image_shape), so data.max_shift/data.flip do not apply")
         model = MLC(x.shape[1], config).fit(torch.from_numpy(x), augment=augment)
         return model.predict(torch.from_numpy(x))
     raise ConfigError(f"cluster: unknown method {method!r}; known: {', '.join(METHODS)}")
@@ -271,25 +187,60 @@ def run_clustering(recipe: ClusterRecipe, log: Callable[[str], None] = print) ->
     import torch
 
     torch.set_num_threads(recipe.threads)
-    x, y, image_shape = load_features(recipe.data)
+    data = recipe.data
+    samples = load_samples(data)
+    x, y, image_shape = samples.x, samples.labels, samples.image_shape
     if recipe.standardize:
         x = (x - x.mean(0)) / (x.std(0) + 1e-6)
         image_shape = None  # standardised pixels are no longer an image to shift
-    k = len(np.unique(y))
-    log(f"{recipe.data.source}: {len(y)} samples, {x.shape[1]} features, {k} classes")
+    if y is None and data.num_clusters is None:
+        raise ConfigError(f"key 'data.num_clusters': the {data.source} data at {data.path} has no labels; say how "
+                          "many clusters to make")
+    k = data.num_clusters or len(np.unique(y))
+    classes = "unlabeled" if y is None else f"{len(np.unique(y))} classes"
+    log(f"{data.source}: {len(x)} samples, {x.shape[1]} {data.features} features, {classes}, {k} clusters")
     results: dict[str, list[dict[str, float]]] = {m: [] for m in recipe.methods}
+    columns: dict[str, np.ndarray] = {}
     for seed in recipe.seeds:
         for method in recipe.methods:
             start = time.perf_counter()
-            scores = clustering_scores(y, cluster_once(method, x, k, seed, recipe, image_shape, log))
+            clusters = cluster_once(method, x, k, seed, recipe, image_shape, log)
+            scores = clustering_scores(y, clusters) if y is not None else {"clusters": float(len(np.unique(clusters)))}
             scores["seconds"] = time.perf_counter() - start
             results[method].append(scores)
+            columns[f"{method}_seed{seed}"] = clusters
             log(f"seed {seed} {method:9s} " + " ".join(f"{key}={value:.4f}" for key, value in scores.items()))
     log(format_table(results))
+    if recipe.assignments:
+        log(f"assignments: {write_assignments(recipe.assignments, samples, columns)}")
     return results
 
 
+def write_assignments(path: str | Path, samples: ClusterSamples, columns: dict[str, np.ndarray]) -> Path:
+    """A csv (id, label, one column per method and seed), written to a temp file then renamed."""
+    import csv
+
+    from mm.state import atomic_write
+
+    def write(tmp: str) -> None:
+        with open(tmp, "w", newline="", encoding="utf-8") as handle:
+            writer = csv.writer(handle)
+            writer.writerow(["id", "label", *columns])
+            for i, sample_id in enumerate(samples.ids):
+                label = "" if samples.labels is None else samples.labels[i]
+                writer.writerow([sample_id, label, *(int(c[i]) for c in columns.values())])
+
+    atomic_write(Path(path), write)
+    return Path(path)
+
+
 def format_table(results: dict[str, list[dict[str, float]]]) -> str:
+    if any("ACC" not in r for runs in results.values() for r in runs):  # unlabeled: nothing to score
+        lines = ["| method   | clusters found | seconds | seeds |", "|---|---|---|---|"]
+        for method, runs in results.items():
+            found = ", ".join(str(int(r["clusters"])) for r in runs)
+            lines.append(f"| {method:8s} | {found} | {np.mean([r['seconds'] for r in runs]):.1f} | {len(runs)} |")
+        return "\n".join(lines)
     lines = ["| method   | ACC           | NMI           | ARI           | seeds |", "|---|---|---|---|---|"]
     for method, runs in results.items():
         cells = []
