@@ -10,7 +10,7 @@ from mm.adapters.lora import LoRAConfig
 from mm.compose import merge_adapters
 from mm.config import AdapterConfig, ConfigError
 from mm.errors import MMTuneError
-from mm.layer import AdaptedConv, AdaptedLinear
+from mm.layer import AdaptedConv, AdaptedEmbedding, AdaptedLinear
 from mm.merge import merge, unmerge
 from mm.peft_format import export_peft, import_peft
 from mm.report import TrainableReport, trainable_report
@@ -36,7 +36,7 @@ def list_adapters() -> dict[str, str]:
 
 
 __all__ = [
-    "ADAPTERS", "Adapter", "AdaptedConv", "AdaptedLinear", "AdapterConfig", "AdapterStateError", "AttachError", "ConfigError",
+    "ADAPTERS", "Adapter", "AdaptedConv", "AdaptedEmbedding", "AdaptedLinear", "AdapterConfig", "AdapterStateError", "AttachError", "ConfigError",
     "MMTuneError",
     "LoRAConfig", "NotMergeableError", "TrainableReport", "active_adapters", "adapted_layers", "adapter_config",
     "adapter_names", "attach", "delete_adapter", "disable_adapters", "export_peft", "import_peft",
