@@ -31,12 +31,14 @@ def test_domains_are_distinct_transforms_of_the_same_digits():
 def test_verdict_says_plainly_which_way_the_claim_went():
     repro = load_repro()
     means = {"task arithmetic": 0.5, "PEFT linear (A, B summed)": 0.4, "TIES (density 0.2)": 0.6,
-             "DARE (density 0.3)": 0.55, "Concrete TA": 0.58, "Concrete AdaMerging": 0.52}
-    assert repro.verdict(means).startswith("Claim does NOT reproduce here: the best Concrete merge (Concrete TA) "
-                                           "trails TIES (density 0.2) by 2.0 points")
-    means["Concrete AdaMerging"] = 0.65
-    assert repro.verdict(means).startswith("Claim reproduces here: Concrete AdaMerging beats the best other merge "
-                                           "(TIES (density 0.2)) by 5.0 points")
+             "DARE (density 0.3)": 0.55, "Concrete TA, entropy": 0.58, "Concrete AdaMerging, entropy": 0.52,
+             "Concrete TA, validation": 0.61, "Concrete AdaMerging, validation": 0.7}
+    assert repro.verdict(means, "entropy").startswith(
+        "With the entropy objective the claim does NOT reproduce here: the best Concrete merge "
+        "(Concrete TA, entropy) trails TIES (density 0.2) by 2.0 points")
+    assert repro.verdict(means, "validation").startswith(
+        "With the validation objective the claim reproduces here: Concrete AdaMerging, validation beats the "
+        "best other merge (TIES (density 0.2)) by 10.0 points")
 
 
 @pytest.mark.slow
@@ -51,6 +53,6 @@ def test_quick_run_prints_every_row(tmp_path):
         assert len(cells) == len(repro.TASKS) + 1
         for cell in cells:
             assert 0.0 <= float(cell.split(" ± ")[0]) <= 100.0
-    assert "Claim" in text
+    assert "With the entropy objective the claim" in text and "With the validation objective" in text
     saved = json.loads((tmp_path / "seeds.json").read_text())
     assert len(saved["seeds"]) == 2 and saved["tasks"] == list(repro.TASKS)
