@@ -55,6 +55,8 @@ class FakeAVConfig:
     max_digits: int = field(default=4, metadata={"help": "Longest digit string."})
     command_fraction: float = field(default=0.3, metadata={"help": "Share of command sentences."})
     snr_db: float | None = field(default=None, metadata={"help": "Add white noise at this SNR to the audio."})
+    video_format: Literal["npy", "mp4"] = field(default="npy", metadata={
+        "help": "npy: .wav + frames .npy + .txt; mp4: LRS3's own files, an .mp4 (video and AAC audio) + .txt."})
 
     def __post_init__(self) -> None:
         if self.engine not in ("espeak", "tones"):
@@ -62,6 +64,10 @@ class FakeAVConfig:
         if not 1 <= self.min_digits <= self.max_digits:
             raise ConfigError(f"synthetic: keys 'min_digits'/'max_digits' need 1 <= min <= max, got "
                               f"{self.min_digits}, {self.max_digits}")
+        if self.video_format not in ("npy", "mp4"):
+            raise ConfigError(f"synthetic: key 'video_format' must be 'npy' or 'mp4', got {self.video_format!r}")
+        if self.video_format == "mp4" and self.crop_size % 2:
+            raise ConfigError(f"synthetic: video_format mp4 needs an even crop_size (4:2:0 video), got {self.crop_size}")
         if not 0.0 <= self.command_fraction <= 1.0:
             raise ConfigError(f"synthetic: key 'command_fraction' must be in [0, 1], got {self.command_fraction}")
 
@@ -171,10 +177,16 @@ def lrs3_transcript(spans: list[tuple[str, float, float]]) -> str:
 
 
 def write_utterance(folder: Path, name: str, transcript: str, audio: np.ndarray, rate: int,
-                    frames: np.ndarray) -> None:
+                    frames: np.ndarray, video_format: str = "npy", fps: float = 25.0) -> None:
     import soundfile
 
     folder.mkdir(parents=True, exist_ok=True)
+    if video_format == "mp4":  # LRS3's own layout: the speech is the video file's audio track
+        from data.video import write_mp4
+
+        write_mp4(folder / f"{name}.mp4", frames, fps, audio, sample_rate=rate)
+        atomic_write(folder / f"{name}.txt", lambda tmp: Path(tmp).write_text(transcript))
+        return
     atomic_write(folder / f"{name}.wav", lambda tmp: soundfile.write(tmp, audio, rate, format="WAV", subtype="PCM_16"))
     atomic_write(folder / f"{name}.txt", lambda tmp: Path(tmp).write_text(transcript))
 
@@ -193,6 +205,8 @@ def make_fake_avsr(root: str | Path, config: FakeAVConfig, fps: float = 25.0) ->
     """
     root = Path(root)
     wanted = {**asdict(config), "fps": fps}
+    if config.video_format == "npy":
+        del wanted["video_format"]  # sets generated before the key existed hold no such entry
     manifest = root / MANIFEST
     if manifest.is_file():
         try:
@@ -221,6 +235,6 @@ def make_fake_avsr(root: str | Path, config: FakeAVConfig, fps: float = 25.0) ->
             count_frames = max(1, round(len(audio) / rate * fps))
             frames = render_mouth(loudness_envelope(audio, rate, count_frames), config.crop_size, rng)
             write_utterance(root / split / f"spk{speaker}", f"{split}_{i:05d}", lrs3_transcript(spans), audio, rate,
-                            frames)
+                            frames, config.video_format, fps)
     atomic_write(manifest, lambda tmp: Path(tmp).write_text(json.dumps(wanted)))
     return root

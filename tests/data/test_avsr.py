@@ -338,3 +338,22 @@ def test_chunking_needs_a_length():
         AVSRDataConfig(root="x", long_utterances="chunk")
     with pytest.raises(ConfigError, match="'mouth_box' expects"):
         AVSRDataConfig(root="x", mouth_box=[0, 0, 0, 4])
+
+
+def test_fake_set_in_lrs3_mp4_files(tmp_path):
+    """video_format mp4: one .mp4 (frames + AAC audio) and one .txt per utterance, read like LRS3."""
+    config = FakeAVConfig(splits={"train": 3}, engine="tones", video_format="mp4")
+    root = make_fake_avsr(tmp_path / "fake", config)
+    assert not list(root.rglob("*.wav")) and not list(root.rglob("*.npy")) and len(list(root.rglob("*.mp4"))) == 3
+    npy_root = make_fake_avsr(tmp_path / "npy", FakeAVConfig(splits={"train": 3}, engine="tones"))
+    mp4_set = AVSRDataset(AVSRDataConfig(root=str(root), crop_size=32), "train")
+    npy_set = AVSRDataset(AVSRDataConfig(root=str(npy_root), crop_size=32), "train")
+    for mine, reference in zip(mp4_set, npy_set, strict=True):
+        assert mine["text"] == reference["text"] and mine["words"] == reference["words"]
+        assert abs(len(mine["video"]) - len(reference["video"])) <= 1
+        assert float((mine["video"][:5] - reference["video"][:5]).abs().mean()) < 0.05  # lossy, same mouths
+        assert abs(len(mine["audio"]) - len(reference["audio"])) <= 2048  # AAC frames of 1024 samples
+    from mm.config import ConfigError
+
+    with pytest.raises(ConfigError, match="video_format mp4 needs an even crop_size"):
+        FakeAVConfig(video_format="mp4", crop_size=33)
