@@ -6,7 +6,8 @@ and its order where given; otherwise folder names / CSV labels are sorted):
 
 - CoOp split JSON: ``path`` is the JSON file or a folder holding exactly one ``split*.json``, with
   ``{"train": [[image_path, label, classname], ...], "val": [...], "test": [...]}``; image paths are
-  relative to an ``images/`` folder beside the JSON if there is one, else to the JSON's folder.
+  relative to the image folder CoOp uses beside the JSON (``images/``, ``101_ObjectCategories/``, ``jpg/``,
+  ``SUN397/``, ``2750/`` or ``UCF-101-midframes/``) if there is one, else to the JSON's folder.
 - CSV lists: ``train.csv`` and ``test.csv`` (optional ``val.csv``) with a header ``path,label``; the label
   is a class name; paths are relative to the CSV's folder.
 - Image folders: ``train/<class>/*.png`` and ``test/<class>/*.png`` (optional ``val/``).
@@ -34,6 +35,10 @@ from mm.errors import MMTuneError
 
 IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm"})
 SPLITS = ("train", "val", "test")
+# The image folder beside a CoOp split file, as CoOp's dataset readers name it (images/: OxfordPets, Food101,
+# DTD; 101_ObjectCategories/: Caltech101; jpg/: Flowers102; SUN397/; 2750/: EuroSAT; UCF-101-midframes/:
+# UCF101); StanfordCars' paths start at the JSON's folder.
+COOP_IMAGE_FOLDERS = ("images", "101_ObjectCategories", "jpg", "SUN397", "2750", "UCF-101-midframes")
 
 
 class FewShotDataError(MMTuneError, ValueError):
@@ -137,7 +142,8 @@ def read_coop_split(json_path: Path) -> tuple[dict[str, list[Sample]], list[str]
         raise FewShotDataError(f"{json_path}: not a readable JSON file ({err})") from None
     if not isinstance(raw, dict) or "train" not in raw or "test" not in raw:
         raise FewShotDataError(f"{json_path}: expected an object with 'train' and 'test' lists")
-    root = json_path.parent / "images" if (json_path.parent / "images").is_dir() else json_path.parent
+    folders = [json_path.parent / name for name in COOP_IMAGE_FOLDERS if (json_path.parent / name).is_dir()]
+    root = folders[0] if folders else json_path.parent
     names: dict[int, str] = {}
     for split in ("train", *[s for s in SPLITS if s != "train" and s in raw]):
         for i, entry in enumerate(raw[split]):

@@ -258,3 +258,29 @@ def test_zero_shot_alone_shows_its_accuracy():
     assert markdown_table(summarize([record])).splitlines() == [
         "| method | trainable params | accuracy | train s/run |", "|---|---|---|---|",
         "| zero-shot | 0 | 62.5 ± 0.0 | 0.00 |"]
+
+
+@pytest.mark.parametrize("image_folder", ["101_ObjectCategories", "jpg", "images", None])
+def test_coop_split_files_find_their_image_folder(tmp_path, image_folder):
+    """CoOp's layouts: split_zhou_<Name>.json beside the dataset's image folder (Caltech101's
+    101_ObjectCategories/, Flowers102's jpg/, Pets' images/, StanfordCars' paths from the JSON's folder)."""
+    import numpy as np
+
+    from data.fake_images import write_png
+    from data.fewshot import load_fewshot_data, read_image
+
+    dataset = tmp_path / "caltech-101"
+    images = dataset / image_folder if image_folder else dataset
+    entries = {"train": [], "val": [], "test": []}
+    for label, name in enumerate(["accordion", "airplane"]):
+        for i, split in enumerate(["train", "train", "val", "test"]):
+            relative = f"{name}/image_{i:04d}.png"
+            (images / name).mkdir(parents=True, exist_ok=True)
+            write_png(images / relative, np.full((8, 8, 3), 60 * label + i, np.uint8))
+            entries[split].append([relative, label, name])
+    (dataset / "split_zhou_Caltech101.json").write_text(json.dumps(entries))
+    data = load_fewshot_data(dataset)
+    assert data.layout == "coop" and data.classes == ["accordion", "airplane"]
+    assert [len(data.split(s)) for s in ("train", "val", "test")] == [4, 2, 2]
+    first = data.split("test")[1]
+    assert first.path == images / "airplane/image_0003.png" and np.asarray(read_image(first.path))[0, 0, 0] == 63
