@@ -9,6 +9,10 @@ tokenised piece by piece so the labels are exact: -100 on the system line and ev
 on every answer and its end-of-sequence token, so the loss covers answers only. The ``<image>`` placeholder
 stays one token; the model puts the image's tokens there. Records without "image" are text-only.
 
+Records come from a JSON list, a JSON-lines file or a parquet table (read through ``datasets``, columns
+"id", "image", "conversations"). A record longer than ``max_length`` tokens is cut; such records are
+counted (``dataset.truncated``, ``dataset.truncated_ids``, ``dataset.summary()``), never cut silently.
+
 A bad record (missing image file, an image without exactly one ``<image>`` placeholder, a placeholder
 without an image, an empty answer, malformed turns) is an error naming the file and the record id, or,
 with ``on_bad="skip"``, left out and counted by reason (``dataset.skipped``, ``dataset.skipped_ids``).
@@ -72,10 +76,19 @@ class InstructDataConfig:
 
 
 def read_records(path: str | Path) -> list[Any]:
-    """The records of a LLaVA JSON list (or JSON-lines file); errors name the file."""
+    """The records of a LLaVA JSON list, JSON-lines file or parquet table; errors name the file."""
     path = Path(path)
     if not path.is_file():
         raise InstructDataError(f"{path}: no such instruction data file")
+    if path.suffix == ".parquet":
+        from data.text_files import TextDataError, load_table
+
+        try:
+            rows = load_table(path).to_list()
+        except TextDataError as err:
+            raise InstructDataError(str(err)) from None
+        # a column missing from a row reads back as None: drop those keys, as a JSON record would lack them
+        return [{key: value for key, value in row.items() if value is not None} for row in rows]
     text = path.read_text()
     try:
         if path.suffix == ".jsonl":
@@ -187,6 +200,36 @@ class InstructDataset:
         if not self.records:
             raise InstructDataError(f"{self.path}: no usable records ({sum(self.skipped.values())} skipped: "
                                     f"{dict(self.skipped)})")
+        self.truncated_ids: list[str] = []
+        self.answerless = 0  # cut so short that no answer token is left
+        for index, record in enumerate(self.records):
+            full, labels = self.full_length(record)
+            if full > max_length:
+                self.truncated_ids.append(record_id(record, index))
+                self.answerless += all(label == IGNORE_INDEX for label in labels[1:max_length])
+
+    @property
+    def truncated(self) -> int:
+        return len(self.truncated_ids)
+
+    def full_length(self, record: dict) -> tuple[int, list[int]]:
+        """(token count before truncation, labels before truncation)."""
+        saved, self.max_length = self.max_length, 1 << 30
+        try:
+            ids, labels, _ = self.encode(record)
+        finally:
+            self.max_length = saved
+        return len(ids), labels
+
+    def summary(self) -> str:
+        """One line: records kept, skipped by reason, cut to max_length."""
+        parts = [f"{len(self.records)} records"]
+        if self.skipped:
+            parts.append(f"skipped {sum(self.skipped.values())} bad records {dict(self.skipped)}")
+        if self.truncated:
+            parts.append(f"{self.truncated} longer than data.max_length={self.max_length} tokens were cut "
+                         f"(e.g. {', '.join(self.truncated_ids[:3])}); {self.answerless} of them kept no answer token")
+        return f"{self.path}: " + "; ".join(parts)
 
     def __len__(self) -> int:
         return len(self.records)

@@ -168,3 +168,29 @@ def test_fake_set_is_real_png_and_json_with_known_content(tmp_path):
             assert ndimage.label(pixels.sum(-1) > 0)[1] == NUMBERS.index(words[0])  # one blob per shape
     text = json.loads(files["text_train"].read_text())
     assert not any("image" in r for r in text) and all("<image>" not in r["conversations"][0]["value"] for r in text)
+
+
+def test_truncated_records_are_counted_and_said(tmp_path, tokenizer):
+    long = record("long", question="<image>\n" + "what is this? " * 6)
+    data = InstructDataset(write(tmp_path, [record("short"), long]), tokenizer, template=TEMPLATE, max_length=24)
+    assert len(data[0]["input_ids"]) < 24 and len(data[1]["input_ids"]) == 24
+    assert data.truncated == 1 and data.truncated_ids == ["long"] and data.answerless == 1
+    assert "1 longer than data.max_length=24 tokens were cut (e.g. long); 1 of them kept no answer token" \
+        in data.summary()
+
+
+def test_parquet_records_read_through_datasets(tmp_path, tokenizer):
+    from data.fake_text import write_records
+
+    text_only = record("t", image=None, question="what is this?")
+    path = write_records(tmp_path / "data.parquet", [record("p"), text_only])
+    write(tmp_path, [], images=("a.png",))
+    data = InstructDataset(path, tokenizer, template=TEMPLATE)
+    assert [data[i]["id"] for i in range(2)] == ["p", "t"]
+    assert data[0]["image"].shape == (3, 4, 4) and data[1]["image"] is None
+    json_data = InstructDataset(write(tmp_path, [record("p"), text_only]), tokenizer, template=TEMPLATE)
+    assert torch.equal(data[0]["input_ids"], json_data[0]["input_ids"])
+    assert torch.equal(data[1]["labels"], json_data[1]["labels"])
+    (tmp_path / "empty.parquet").write_bytes(b"")
+    with pytest.raises(InstructDataError, match="empty.parquet: the file is empty"):
+        InstructDataset(tmp_path / "empty.parquet", tokenizer, template=TEMPLATE)

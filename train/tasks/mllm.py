@@ -188,8 +188,8 @@ class MLLMTask(AdapterTask):
             d = self.recipe.data
             dataset = InstructDataset(path, self.tokenizer, image_root=d.image_root, template=d.template,
                                       image_transform=self.image_transform, on_bad=d.on_bad, max_length=d.max_length)
-            if dataset.skipped:
-                print(f"{path}: skipped {sum(dataset.skipped.values())} bad records {dict(dataset.skipped)}")
+            if dataset.skipped or dataset.truncated:  # skips and cuts are said, never silent
+                print(dataset.summary())
             self._datasets[path] = dataset
         return self._datasets[path]
 
