@@ -186,6 +186,9 @@ def attach(model: nn.Module, config: AdapterConfig, name: str = "default", *, ac
                                                              weight_out_in(layer.base))
         layer.add(name, module.train(layer.training), active=active)
         layer.adapters[name].config = config
+    tie_outputs = getattr(config, "tie_outputs", None)
+    if tie_outputs is not None:  # layers that share a target's weight follow it (trainable tokens' tied head)
+        tie_outputs(model, name, targets, active=active)
     freeze_base(model)
     return model
 

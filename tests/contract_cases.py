@@ -64,6 +64,7 @@ CASES: dict[str, Case] = {
     "mole": Case("mole", {"r": 4, "alpha": 8.0, "num_experts": 2}, mergeable=False),
     "mixlora": Case("mixlora", {"r": 4, "alpha": 8.0, "num_experts": 3, "top_k": 2}, mergeable=False),
     "mm_lora": Case("mm_lora", {"r": 4, "alpha": 8.0, "vision_r": 2, "vision_alpha": 4.0, "unrouted": "both"}, mergeable=False),  # no route in the contract forward: both LoRAs on every token; tests/mm/test_mm_lora.py covers the routed split
+    "trainable_tokens": Case("trainable_tokens", {"token_indices": [0, 2, 3, 5, 7]}),  # embeddings only: the embedding toy (its tied head: tests/mm/test_trainable_tokens.py)
 }
 
 

@@ -20,6 +20,7 @@ from mm.adapters import (  # noqa: F401  (importing registers them)
     nola,
     pissa,
     randlora,
+    trainable_tokens,
 )
 from mm.adapters.base import ADAPTERS, Adapter, NotMergeableError
 
