@@ -49,6 +49,9 @@ class ChatTemplate:
                         metadata={"help": "System line before the first turn ('' for none)."})
     user: str = field(default="USER:", metadata={"help": "Tag before each question."})
     assistant: str = field(default="ASSISTANT:", metadata={"help": "Tag before each answer."})
+    use_tokenizer: bool = field(default=False, metadata={
+        "help": "Render the turns with the tokenizer's own chat template (a real model's; human -> user, "
+                "gpt -> assistant, the system line first) instead of the tags above."})
 
     def prompt(self, question: str) -> str:
         return f" {self.user} {question.strip()} {self.assistant}"
@@ -153,9 +156,20 @@ def _ids(tokenizer: Any, text: str) -> list[int]:
     return tokenizer(text, add_special_tokens=False)["input_ids"]
 
 
+def as_messages(template: ChatTemplate, turns: list[dict]) -> list[dict[str, str]]:
+    """LLaVA turns as chat messages (system line first) for a tokenizer's chat template."""
+    system = [{"role": "system", "content": template.system}] if template.system else []
+    return system + [{"role": "user" if k % 2 == 0 else "assistant", "content": turn["value"].strip()}
+                     for k, turn in enumerate(turns)]
+
+
 def encode_prompt(tokenizer: Any, template: ChatTemplate, question: str | None = None, *, start: bool = True) -> list[int]:
     """Token ids of the conversation start (bos, system line) if ``start``, then ``question``'s prompt
     ending with the assistant tag: what generation continues from."""
+    if template.use_tokenizer and start and question is not None:
+        messages = as_messages(template, [{"value": question}])
+        text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        return tokenizer(text, add_special_tokens=False)["input_ids"]
     ids = []
     if start:
         ids += [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
@@ -180,6 +194,9 @@ class InstructDataset:
         self.tokenizer, self.template = tokenizer, template or ChatTemplate()
         self.image_transform = image_transform or pil_to_tensor
         self.max_length = max_length
+        if self.template.use_tokenizer and not getattr(tokenizer, "chat_template", None):
+            raise InstructDataError(f"{self.path}: key 'data.template.use_tokenizer' is true but the tokenizer "
+                                    "has no chat template (a real model folder's tokenizer_config.json has one)")
         self.image_id = tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)
         if self.image_id is None or self.image_id == tokenizer.unk_token_id:
             raise InstructDataError(f"the tokenizer has no {IMAGE_TOKEN!r} token; add it "
@@ -236,6 +253,8 @@ class InstructDataset:
 
     def encode(self, record: dict) -> tuple[list[int], list[int], int]:
         """(input_ids, labels, length of the prompt before the last answer), truncated to max_length."""
+        if self.template.use_tokenizer:
+            return self.encode_with_chat_template(record)
         tok = self.tokenizer
         ids = encode_prompt(tok, self.template)
         labels = [IGNORE_INDEX] * len(ids)
@@ -253,6 +272,21 @@ class InstructDataset:
         if ids.count(self.image_id) != wanted:
             raise InstructDataError(f"{self.path}: record {record.get('id')!r}: the tokenizer does not keep "
                                     f"{IMAGE_TOKEN!r} as one token; add it as a special token")
+        return ids[: self.max_length], labels[: self.max_length], min(prompt_length, self.max_length)
+
+    def encode_with_chat_template(self, record: dict) -> tuple[list[int], list[int], int]:
+        """As ``encode``, rendered by the tokenizer's chat template; labels on the assistant turns' tokens."""
+        from data.text import TextDataError, tokenize_chat
+
+        place = f"{self.path}: record {record.get('id')!r}"
+        turns = record["conversations"]
+        try:
+            ids, labels, prompt_length = tokenize_chat(self.tokenizer, as_messages(self.template, turns), place)
+        except TextDataError as err:
+            raise InstructDataError(str(err)) from None
+        if ids.count(self.image_id) != sum(t["value"].count(IMAGE_TOKEN) for t in turns):
+            raise InstructDataError(f"{place}: the chat template or tokenizer does not keep {IMAGE_TOKEN!r} as "
+                                    "one token")
         return ids[: self.max_length], labels[: self.max_length], min(prompt_length, self.max_length)
 
     def load_image(self, record: dict) -> torch.Tensor | None:

@@ -123,13 +123,14 @@ def assistant_spans(tokenizer: Any, messages: list[dict[str, str]], place: str) 
     return full, spans
 
 
-def tokenize_chat(tokenizer: Any, messages: list[dict[str, str]], place: str) -> tuple[list[int], list[int]]:
+def tokenize_chat(tokenizer: Any, messages: list[dict[str, str]], place: str) -> tuple[list[int], list[int], int]:
+    """(ids, labels on the assistant turns' tokens, number of tokens before the last assistant turn)."""
     full, spans = assistant_spans(tokenizer, messages, place)
     encoded = tokenizer(full, add_special_tokens=False, return_offsets_mapping=True)
-    ids = encoded["input_ids"]
+    ids, starts = encoded["input_ids"], [begin for begin, _ in encoded["offset_mapping"]]
     labels = [token if any(start <= begin < end for start, end in spans) else IGNORE_INDEX
-              for token, (begin, _) in zip(ids, encoded["offset_mapping"], strict=True)]
-    return ids, labels
+              for token, begin in zip(ids, starts, strict=True)]
+    return ids, labels, sum(begin < spans[-1][0] for begin in starts)
 
 
 def tokenize_instruct(tokenizer: Any, prompt: str, completion: str) -> tuple[list[int], list[int]]:
@@ -237,7 +238,7 @@ class TextDataset:
             self.stats["records"] += 1
             try:
                 if self.kind == "chat":
-                    ids, labels = tokenize_chat(tokenizer, chat_messages(record, place), place)
+                    ids, labels, _ = tokenize_chat(tokenizer, chat_messages(record, place), place)
                 else:
                     ids, labels = tokenize_instruct(tokenizer, *instruct_pair(record, place))
             except TextDataError as err:

@@ -194,3 +194,29 @@ def test_parquet_records_read_through_datasets(tmp_path, tokenizer):
     (tmp_path / "empty.parquet").write_bytes(b"")
     with pytest.raises(InstructDataError, match="empty.parquet: the file is empty"):
         InstructDataset(tmp_path / "empty.parquet", tokenizer, template=TEMPLATE)
+
+
+def test_the_tokenizers_own_chat_template(tmp_path):
+    from data.fake_text import CHAT_TEMPLATE
+    from encoders.llm import WORD_SPECIALS
+
+    roles = ["<|system|>", "<|user|>", "<|assistant|>"]
+    tok = word_tokenizer([*TEMPLATE.texts(), "what is this? a red dot. and now? gone."],
+                         specials=[*WORD_SPECIALS, *roles])
+    template = ChatTemplate(system="a chat.", use_tokenizer=True)
+    multi = record("m")
+    multi["conversations"] += [{"from": "human", "value": "and now?"}, {"from": "gpt", "value": "gone."}]
+    with pytest.raises(InstructDataError, match="use_tokenizer' is true but the tokenizer has no chat template"):
+        InstructDataset(write(tmp_path, [multi]), tok, template=template)
+    tok.chat_template = CHAT_TEMPLATE
+    sample = InstructDataset(write(tmp_path, [multi]), tok, template=template)[0]
+    ids, labels = sample["input_ids"].tolist(), sample["labels"].tolist()
+    assert tok.decode(ids, skip_special_tokens=False) == ("<|system|> a chat . </s> <|user|> <image> what is this ? "
+                                                          "</s> <|assistant|> a red dot . </s> <|user|> and now ? </s> "
+                                                          "<|assistant|> gone . </s>")
+    assert tok.decode([t for t in labels if t != IGNORE_INDEX]) == "a red dot . </s> gone . </s>"
+    prompt = tok.decode(sample["prompt_ids"].tolist(), skip_special_tokens=False)
+    assert prompt.endswith("<|user|> and now ? </s> <|assistant|>")
+    first = encode_prompt(tok, template, "<image>\nwhat is this?")  # what `mmtune generate` sends
+    assert tok.decode(first, skip_special_tokens=False) == "<|system|> a chat . </s> <|user|> <image> what is this ? " \
+                                                         "</s> <|assistant|>"
