@@ -130,3 +130,27 @@ def test_merged_adapter_saves_loads_and_exports_to_peft(tmp_path):
     mm.export_peft(model, tmp_path / "merged_peft", adapter=name)
     from_peft = peft.PeftModel.from_pretrained(toy.build(), tmp_path / "merged_peft").eval()
     torch.testing.assert_close(toy.run(from_peft, x), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_rslora_inputs_give_peft_factors_with_plain_unit_scaling(tmp_path, monkeypatch):
+    """PEFT keeps ``use_rslora`` on the merged config, so its merged adapter (alpha = r) is scaled by sqrt(r), not
+    1; ours is a plain LoRA of scaling 1: same A and B as PEFT's, the update B A itself."""
+    toy = TOYS["mlp"]
+    model = toy.build()
+    for i, name in enumerate(NAMES):
+        mm.attach(model, mm.LoRAConfig(targets=toy.targets, r=4, alpha=ALPHAS[i], rslora=True), name)
+        perturb(model, name, seed=i, scale=0.3)
+    peft_model = None
+    for name in NAMES:
+        mm.export_peft(model, tmp_path / name, adapter=name)
+        if peft_model is None:
+            peft_model = peft.PeftModel.from_pretrained(toy.build(), tmp_path / name, adapter_name=name)
+        else:
+            peft_model.load_adapter(tmp_path / name, adapter_name=name)
+    ours, theirs = _merge_both(model, peft_model.eval(), "ties", monkeypatch, density=0.5)
+    for key, (a, b) in ours.items():
+        torch.testing.assert_close(a, theirs[key][0])
+        torch.testing.assert_close(b, theirs[key][1])
+    layer = dict(mm.adapted_layers(model))["fc1"]
+    assert layer.adapters["merged"].scaling == 1.0
+    torch.testing.assert_close(layer.adapters["merged"].delta_weight(layer.base), ours["fc1"][1] @ ours["fc1"][0])

@@ -80,6 +80,7 @@ def test_concrete_merge_runs_through_each_runs_own_head(runs, tmp_path, capsys):
     out = capsys.readouterr().out
     assert code == 0, out
     assert len(_table(out)) == 4 and out_file.is_file()
+    assert "concrete: the shared mask keeps " in out and "lambda per run (mean over weights): 0.3, 0.3" in out
     assert "merged" in mm.state.read_adapter_file(out_file)[0]
 
 

@@ -158,7 +158,7 @@ def _weight_key(module, layer_name: str) -> str:
     return f"{layer_name}.base.weight" if isinstance(layer, mm.AdaptedLinear) else f"{layer_name}.weight"
 
 
-def _concrete(args, host, names: list[str], tasks: list) -> None:
+def _concrete(args, host, names: list[str], tasks: list):
     """Concrete-merge into ``args.name`` on ``host``: the objective runs each run's task (its own head) with the
     one merged encoder, through weights linked across the tasks."""
     from torch import nn
@@ -196,6 +196,7 @@ def _concrete(args, host, names: list[str], tasks: list) -> None:
                             config, linked).run()
     deltas = {key: result.deltas[container_key[key]] for key in vectors}
     deltas_to_adapter(host, names[0], args.name, deltas, layer_of, args.svd_rank)
+    return result
 
 
 def format_table(rows: list[dict]) -> str:
@@ -235,7 +236,11 @@ def run(args: argparse.Namespace) -> int:
     if args.name in own:
         raise MergeError(f"--name {args.name!r} is a run's own adapter name; pick another")
     if args.method == "concrete":
-        _concrete(args, host, names, tasks)
+        result = _concrete(args, host, names, tasks)
+        lambdas = ", ".join(f"{float(w):.3g}" for w in result.weights.mean(dim=1))
+        print(f"concrete: the shared mask keeps {100 * result.kept:.1f}% of the task-vector entries; lambda per "
+              f"run (mean over weights): {lambdas}; objective {result.losses[0]:.4f} -> {result.losses[-1]:.4f}"
+              if result.losses else f"concrete: no mask steps; lambda per run: {lambdas}")
     else:
         mm.merge_adapters(host, names, args.method, args.weights, density=args.density,
                           majority_sign_method=args.majority_sign_method, svd_rank=args.svd_rank,
