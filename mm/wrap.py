@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import difflib
 import re
+import warnings
 from collections.abc import Iterator
 
 from torch import nn
@@ -227,16 +228,18 @@ def _layer_config(config: AdapterConfig, layer_name: str) -> AdapterConfig:
 
 
 def _check_patterns_match(config: AdapterConfig, targets: list[str]) -> None:
-    """A rank/alpha pattern that matches none of the adapted layers is a typo, not a no-op."""
-    from mm.adapters.lora import pattern_key
+    """Warn about a rank/alpha pattern that decides no adapted layer: a typo, or a config reused on fewer
+    layers (PEFT ignores such patterns with a warning too, so an error would refuse PEFT's own configs)."""
+    from mm.adapters.lora import pattern_key  # late: the adapters import mm.layer, as this module does
 
-    for key in ("rank_pattern", "alpha_pattern"):
-        patterns = getattr(config, key, None) or {}
+    layer_patterns = getattr(config, "layer_patterns", None)
+    for key, patterns in (layer_patterns() if layer_patterns is not None else {}).items():
         used = {pattern_key(patterns, t) for t in targets}
         unused = [p for p in patterns if p not in used]
         if unused:
-            raise ConfigError(f"{config.method}: key {key!r}: pattern(s) {unused} match none of the adapted layers "
-                              f"({', '.join(targets[:6])}{' ...' if len(targets) > 6 else ''})")
+            warnings.warn(f"{config.method}: key {key!r}: pattern(s) {unused} decide no adapted layer (they match "
+                          f"none, or an earlier pattern wins everywhere they match) of "
+                          f"{', '.join(targets[:6])}{' ...' if len(targets) > 6 else ''}", UserWarning, stacklevel=3)
 
 
 def freeze_base(model: nn.Module) -> None:

@@ -52,12 +52,22 @@ class LoRAConfig(AdapterConfig):
         super().validate()
         if self.init not in ("kaiming", "gaussian"):
             raise ConfigError(f"lora: key 'init' must be 'kaiming' or 'gaussian', got {self.init!r}")
-        for key, values, kind in (("rank_pattern", self.rank_pattern, int), ("alpha_pattern", self.alpha_pattern, float)):
+        for key, values in self.layer_patterns().items():
             for pattern, value in values.items():
-                _check_pattern(self.method, key, pattern, value, kind)
+                _check_pattern(self.method, key, pattern, value, int if key == "rank_pattern" else float)
+
+    def layer_patterns(self) -> dict[str, dict]:
+        """{'rank_pattern': ..., 'alpha_pattern': ...} as PEFT reads them; empty for a subclass that redefines
+        'rank_pattern' with its own meaning (EVA: exact layer names written by its initialiser)."""
+        own = all("rank_pattern" not in vars(cls).get("__annotations__", {})
+                  for cls in type(self).__mro__[:type(self).__mro__.index(LoRAConfig)])
+        return {"rank_pattern": self.rank_pattern, "alpha_pattern": self.alpha_pattern} if own else {}
 
     def for_layer(self, layer_name: str) -> LoRAConfig:
         """This config with the rank and alpha that ``rank_pattern`` / ``alpha_pattern`` give ``layer_name``."""
+        patterns = self.layer_patterns()
+        if not patterns:
+            return self
         r_key = pattern_key(self.rank_pattern, layer_name)
         alpha_key = pattern_key(self.alpha_pattern, layer_name)
         if r_key is None and alpha_key is None:
