@@ -126,3 +126,17 @@ def test_bad_chat_record_through_mmtune_train_is_one_line(tmp_path, capsys):
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and len(err) == 1, err
     assert err[0].startswith("mmtune train: ") and "chat.jsonl: line 1: key 'messages[1]' needs string 'role' and 'content'" in err[0]
+
+
+def test_a_tokenizer_larger_than_the_model_is_a_recipe_error(tmp_path):
+    from train.engine.config import load_recipe
+    from train.tasks.lm import CausalLM
+
+    folder = saved_model_folder(tmp_path / "model")
+    bigger = make_tokenizer_folder(tmp_path / "big", [f"word{i}" for i in range(100)])
+    data = write_records(tmp_path / "corpus.jsonl", [{"text": "word1 word2 word3"}] * 4)
+    recipe = load_recipe(RECIPE, [*TINY, f"model.path={folder}", f"model.tokenizer={bigger}", f"data.train={data}",
+                                  "data.eval=null", "data.seq_len=4", f"train.out_dir={tmp_path / 'run'}"])
+    with pytest.raises(mm.ConfigError, match=r"key 'model.tokenizer': the tokenizer has \d+ tokens but the model's "
+                                             r"embedding has \d+ rows"):
+        CausalLM(recipe)

@@ -90,6 +90,10 @@ class CausalLM(AdapterTask):
             self.train_dataset(), self.eval_dataset()
         with self.seeded():
             self.lm = self.adapt(self._load_base())
+        rows = self.lm.get_input_embeddings().num_embeddings
+        if self.tokenizer is not None and len(self.tokenizer) > rows:
+            raise mm.ConfigError(f"{recipe.source}: key 'model.tokenizer': the tokenizer has {len(self.tokenizer)} "
+                                 f"tokens but the model's embedding has {rows} rows; use the model's own tokenizer")
 
     def _tokenizer(self) -> Any:
         from encoders.llm import load_tokenizer, word_tokenizer
