@@ -115,13 +115,18 @@ class SplitMultiheadAttention(nn.Module):
             if average_attn_weights:
                 weights = weights.mean(dim=1)
         else:
-            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=p)
+            out = self.attention(q, k, v, mask, p)
         out = self.out_proj(out.transpose(1, 2).reshape(n, tgt_len, self.embed_dim))
         if unbatched:
             return out.squeeze(0), None if weights is None else weights.squeeze(0)
         if not self.batch_first:
             out = out.transpose(0, 1)
         return out, weights
+
+    def attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None,
+                  dropout_p: float) -> torch.Tensor:
+        """Exact attention of (N, heads, L, d) tensors; ``mm.limits_path`` may replace it on an instance."""
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p)
 
     def _heads(self, x: torch.Tensor) -> torch.Tensor:
         n, length, _ = x.shape
