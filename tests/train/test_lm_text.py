@@ -54,7 +54,7 @@ def test_chat_data_with_the_model_folders_tokenizer_learns_the_assistant_tokens(
     batch = task.collate(list(task.train_dataset()))
     before = task.evaluate([batch])
     optimizer = torch.optim.AdamW([p for p in task.parameters() if p.requires_grad], lr=5e-2)
-    for _ in range(15):
+    for _ in range(8):
         loss, _ = task.training_step(batch)
         optimizer.zero_grad()
         loss.backward()
