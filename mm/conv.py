@@ -56,7 +56,8 @@ def supports_layer_kind(config: AdapterConfig, kind: str) -> bool:
     support, because their updates (PiSSA's SVD, DyLoRA's truncation, the mixtures' routers) are written for
     (out, in) matrices. Without a statement a method adapts linear layers only.
     """
-    return kind in vars(type(config)).get("layer_kinds", ("linear",))
+    narrowed = getattr(config, "instance_layer_kinds", None)  # an option may narrow them (LoRA's init 'olora')
+    return kind in vars(type(config)).get("layer_kinds", ("linear",)) and (narrowed is None or kind in narrowed())
 
 
 def conv_lora_parameters(conv: nn.Module, r: int) -> int:

@@ -42,6 +42,9 @@ def export_peft(model: nn.Module, directory: str | os.PathLike, adapter: str = "
     config = adapter_config(model, adapter)
     if type(config) not in _PEFT_LORA_CONFIGS:
         raise TypeError(f"adapter {adapter!r} is {config.method!r}; only 'lora' and 'dora' have a PEFT LoRA form")
+    if config.init == "loftq":
+        raise TypeError(f"adapter {adapter!r} has init 'loftq': its A, B belong to the quantised base it made, which "
+                        "PEFT would not rebuild on load; merge it, or save the base with mm.save_adapters")
     tensors, layer_names, conv1d = {}, [], False
     for name, layer in adapted_layers(model):
         module = layer.adapters[adapter] if adapter in layer.adapters else None
@@ -72,7 +75,9 @@ def export_peft(model: nn.Module, directory: str | os.PathLike, adapter: str = "
         "use_rslora": config.rslora, "fan_in_fan_out": conv1d, "bias": "none",
         # A full-name regex: exactly these layers, as PEFT matches a string target with re.fullmatch.
         "target_modules": "|".join(re.escape(n) for n in layer_names),
-        "init_lora_weights": True, "modules_to_save": None, "layers_to_transform": None,
+        # PEFT re-runs an 'olora' init when it loads the adapter, taking s B0 A0 out of the base as we do.
+        "init_lora_weights": "olora" if config.init == "olora" else True,
+        "modules_to_save": None, "layers_to_transform": None,
         "use_dora": isinstance(config, DoRAConfig),
         "rank_pattern": dict(config.rank_pattern), "alpha_pattern": dict(config.alpha_pattern),
     }
@@ -143,6 +148,8 @@ def _lora_config(peft_config: dict, layers: dict, path: Path) -> LoRAConfig:
             target_regex="|".join(re.escape(n) for n in layers), r=int(peft_config["r"]),
             alpha=float(peft_config["lora_alpha"]), dropout=float(peft_config.get("lora_dropout") or 0.0),
             rslora=bool(peft_config.get("use_rslora", False)), **patterns,
+            # An 'olora' adapter is relative to the residual base its init makes (PEFT rebuilds it on load too).
+            **({"init": "olora"} if peft_config.get("init_lora_weights") == "olora" else {}),
         )
     except ConfigError as err:
         raise ConfigError(f"{path}: {err}") from None

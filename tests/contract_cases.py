@@ -42,6 +42,7 @@ CASES: dict[str, Case] = {
     "lora": Case("lora", {"r": 4, "alpha": 8.0}),
     "lora-rslora-gaussian": Case("lora", {"r": 4, "alpha": 8.0, "rslora": True, "init": "gaussian"}),
     "lora-patterns": Case("lora", {"r": 8, "alpha": 8.0, "rank_pattern": {r".*(conv\d|fc1|q_proj|c_fc|tokens)": 4}, "alpha_pattern": {".*(2|v_proj|c_attn|positions)": 2.0}}),  # per-layer rank/alpha on every toy (rank 4 on every conv: the depthwise toy takes no more)
+    "lora-olora-adapter-residual": Case("lora", {"r": 4, "alpha": 8.0, "init": "olora", "residual": "adapter"}),  # residual="base" (PEFT's) edits the base weight: tests/mm/test_olora.py
     "lora-ffa": Case("lora", {"r": 4, "alpha": 8.0, "freeze_a": True}),
     "dora": Case("dora", {"r": 4, "alpha": 8.0}),
     "dora-rslora-dropout": Case("dora", {"r": 4, "alpha": 8.0, "rslora": True, "dropout": 0.1}),

@@ -21,6 +21,9 @@ from mm.adapters.base import ADAPTERS, Adapter, add_low_rank_
 from mm.config import AdapterConfig, ConfigError
 from mm.conv import check_conv_rank, conv_fn
 
+#: Inits computed from the layer's weight (``mm.adapters.lora_inits``), for linear layers of method 'lora'.
+WEIGHT_INITS = ("olora", "loftq")
+
 
 @ADAPTERS.register("lora")
 @dataclass
@@ -35,10 +38,19 @@ class LoRAConfig(AdapterConfig):
     freeze_a: bool = field(
         default=False, metadata={"help": "FFA-LoRA: keep A at its random init; only B trains."}
     )
-    init: Literal["kaiming", "gaussian"] = field(
+    init: Literal["kaiming", "gaussian", "olora", "loftq"] = field(
         default="kaiming",
-        metadata={"help": "Init of A: 'kaiming' (uniform, as PEFT) or 'gaussian' (std 1/r). B starts at 0."},
+        metadata={"help": "Init of A: 'kaiming' (uniform, as PEFT) or 'gaussian' (std 1/r), B = 0; or from W: "
+                  "'olora' (QR of W, s B A taken out of the layer) or 'loftq' (for a base that will be quantised: "
+                  "the base becomes its quantised residual; see mm.adapters.lora_inits). Not on convolutions."},
     )
+    residual: Literal["base", "adapter"] = field(
+        default="base",
+        metadata={"help": "init 'olora': where W - s B0 A0 lives, 'base' (the base weight, as PEFT) or 'adapter' "
+                  "(base untouched; the adapter subtracts s B0 A0 x). See mm.adapters.pissa."},
+    )
+    loftq_bits: int = field(default=4, metadata={"help": "init 'loftq': 4 (NF4, bitsandbytes) or 8 (int8)."})
+    loftq_iter: int = field(default=1, metadata={"help": "init 'loftq': alternating steps (quantise, SVD)."})
     rank_pattern: dict[str, int] = field(
         default_factory=dict,
         metadata={"help": "Per-layer rank, as PEFT: {pattern: r}; a pattern matches a layer whose name ends in "
@@ -50,8 +62,16 @@ class LoRAConfig(AdapterConfig):
 
     def validate(self) -> None:
         super().validate()
-        if self.init not in ("kaiming", "gaussian"):
-            raise ConfigError(f"lora: key 'init' must be 'kaiming' or 'gaussian', got {self.init!r}")
+        if self.init not in ("kaiming", "gaussian", *WEIGHT_INITS):
+            raise ConfigError(f"lora: key 'init' must be 'kaiming', 'gaussian', 'olora' or 'loftq', got {self.init!r}")
+        if self.init in WEIGHT_INITS and type(self) is not LoRAConfig and type(self).build_for is LoRAConfig.build_for:
+            raise ConfigError(f"{self.method}: key 'init' {self.init!r} is an init of method 'lora' only")
+        if self.residual not in ("base", "adapter"):
+            raise ConfigError(f"{self.method}: key 'residual' must be 'base' or 'adapter', got {self.residual!r}")
+        if self.loftq_bits not in (4, 8):
+            raise ConfigError(f"{self.method}: key 'loftq_bits' must be 4 or 8, got {self.loftq_bits}")
+        if self.loftq_iter < 1:
+            raise ConfigError(f"{self.method}: key 'loftq_iter' must be >= 1, got {self.loftq_iter}")
         for key, values in self.layer_patterns().items():
             for pattern, value in values.items():
                 _check_pattern(self.method, key, pattern, value, int if key == "rank_pattern" else float)
@@ -82,6 +102,18 @@ class LoRAConfig(AdapterConfig):
 
     def build(self, in_features: int, out_features: int, base_weight: torch.Tensor) -> LoRA:
         return LoRA(self, in_features, out_features, dtype=_param_dtype(base_weight), device=base_weight.device)
+
+    def build_for(self, layer_name: str, in_features: int, out_features: int, base_weight: torch.Tensor) -> LoRA:
+        if self.init in WEIGHT_INITS:
+            from mm.adapters import lora_inits  # late: it imports this module
+
+            build = lora_inits.olora_adapter if self.init == "olora" else lora_inits.loftq_adapter
+            return build(self, layer_name, in_features, out_features, base_weight)
+        return self.build(in_features, out_features, base_weight)
+
+    def instance_layer_kinds(self) -> tuple[str, ...]:
+        """The layer kinds this config adapts: OLoRA and LoftQ factor (out, in) matrices only."""
+        return ("linear",) if self.init in WEIGHT_INITS else self.layer_kinds
 
     def build_conv(self, layer_name: str, conv: nn.Module) -> ConvLoRA:
         """The adapter for the convolution ``layer_name``; refuses a rank that would outgrow it."""
