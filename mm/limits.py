@@ -26,13 +26,14 @@ from __future__ import annotations
 
 import json
 import math
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from dataclasses import asdict, dataclass
 
 import torch
 from torch import nn
 
 from mm.adapters import NotMergeableError
+from mm.config import ConfigError
 from mm.layer import AdaptedLinear, weight_out_in
 from mm.poly_attention import degree_for, feature_rank
 
@@ -229,24 +230,20 @@ def _layer_limits(name: str, module: nn.Module, parts: dict[str, nn.Module], see
 def measure_limits(model: nn.Module, run_batch, tolerance: float = 1e-3,
                    threshold_scale: float = 1.0) -> LimitsReport:
     """Run ``run_batch()`` (one forward of a real batch) with every adapted attention layer hooked and
-    return the paper's quantities per layer. Raises ``ValueError`` when the model has no adapted attention
-    layer or a found layer did not run."""
+    return the paper's quantities per layer. Raises ``mm.ConfigError`` when the model has no adapted
+    attention layer or a found layer did not run."""
     layers = attention_layers(model)
     if not layers:
-        raise ValueError("no adapted attention layer (q_proj/k_proj/v_proj or c_attn carrying an adapter)")
-    captures = {name: _capture(parts) for name, parts in layers.items()}
-    seen = {name: cm.__enter__() for name, cm in captures.items()}
-    try:
-        with torch.no_grad():
-            run_batch()
-    finally:
-        for cm in captures.values():
-            cm.__exit__(None, None, None)
+        raise ConfigError("no adapted attention layer (q_proj/k_proj/v_proj or c_attn carrying an adapter): "
+                          "target the attention projections to measure LoRA's limits")
+    with ExitStack() as stack, torch.no_grad():
+        seen = {name: stack.enter_context(_capture(parts)) for name, parts in layers.items()}
+        run_batch()
+    modules = dict(model.named_modules())
     rows = []
     for name, parts in layers.items():
         missing = [p for p in parts if p != "v_proj" and p not in seen[name]]
         if missing:
-            raise ValueError(f"{name}: {', '.join(missing)} did not run in the batch's forward")
-        rows.append(_layer_limits(name, dict(model.named_modules())[name], parts, seen[name], tolerance,
-                                  threshold_scale))
+            raise ConfigError(f"{name}: {', '.join(missing)} did not run in the batch's forward")
+        rows.append(_layer_limits(name, modules[name], parts, seen[name], tolerance, threshold_scale))
     return LimitsReport(rows, tolerance, threshold_scale)

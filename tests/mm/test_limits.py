@@ -153,7 +153,7 @@ def test_gpt2_packed_qkv_is_cut_into_thirds():
 
 
 def test_a_model_without_adapted_attention_is_refused():
-    with pytest.raises(ValueError, match="no adapted attention layer"):
+    with pytest.raises(mm.ConfigError, match="no adapted attention layer"):
         measure_limits(nn.Linear(2, 2), lambda: None)
 
 

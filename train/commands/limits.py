@@ -54,7 +54,7 @@ def run(args: argparse.Namespace) -> int:
     batch = next(eval_batches(dataset, task.collate, batch_size, "cpu"))
     try:
         report = measure_limits(task, lambda: task.training_step(batch), args.tolerance, args.threshold_scale)
-    except ValueError as err:
+    except ConfigError as err:  # name the recipe: its adapters decide which layers are measured
         raise ConfigError(f"{recipe.source}: adapters: {err}") from err
     print(f"{recipe.name}: LoRA computational limits on one batch of {batch_size} (torch {torch.__version__})")
     print(report.to_markdown())
