@@ -39,6 +39,8 @@ METHOD_OPTIONS: dict[str, dict] = {
     "mos": {"pool_shards": 64, "private_shards": 4},
     "mole": {"num_experts": 4},
     "mixlora": {"num_experts": 4, "top_k": 2},
+    # One global LoRA of rank r (MS, PEFT-style parametrisation): equal rank to the baseline.
+    "mtsk": {"strategy": "ms", "parametrisation": "lora"},
 }
 
 FULL = {
