@@ -13,6 +13,7 @@ from mm.errors import MMTuneError
 from mm.layer import AdaptedConv, AdaptedEmbedding, AdaptedLinear
 from mm.merge import merge, unmerge
 from mm.peft_format import export_peft, import_peft
+from mm.pool import AdapterPool, PoolError
 from mm.report import TrainableReport, trainable_report
 from mm.route import route  # the function: ``with mm.route(...)`` as documented
 from mm.state import AdapterStateError, load_adapters, save_adapters
@@ -36,9 +37,9 @@ def list_adapters() -> dict[str, str]:
 
 
 __all__ = [
-    "ADAPTERS", "Adapter", "AdaptedConv", "AdaptedEmbedding", "AdaptedLinear", "AdapterConfig", "AdapterStateError", "AttachError", "ConfigError",
+    "ADAPTERS", "Adapter", "AdapterPool", "AdaptedConv", "AdaptedEmbedding", "AdaptedLinear", "AdapterConfig", "AdapterStateError", "AttachError", "ConfigError",
     "MMTuneError",
-    "LoRAConfig", "NotMergeableError", "TrainableReport", "active_adapters", "adapted_layers", "adapter_config",
+    "LoRAConfig", "NotMergeableError", "PoolError", "TrainableReport", "active_adapters", "adapted_layers", "adapter_config",
     "adapter_names", "attach", "delete_adapter", "disable_adapters", "export_peft", "import_peft",
     "list_adapters", "load_adapters", "merge", "merge_adapters", "route", "save_adapters", "select_targets", "set_active",
     "trainable_report", "unmerge",

@@ -13,9 +13,10 @@ import torch
 from torch import nn
 
 from mm.adapters.base import Adapter
+from mm.batched import forward_rows
 from mm.conv import describe_conv
 from mm.quant import dequantise_linear, dequantised_weight, is_quantised_linear, quantised_kind
-from mm.route import current_route
+from mm.route import Route, current_route
 
 
 def is_conv1d(module: nn.Module) -> bool:
@@ -90,8 +91,10 @@ class AdaptedLinear(nn.Module):
                 raise RuntimeError(f"cannot disable adapters {self.merged}: they are merged; unmerge first")
             return self.base(x, *args, **kwargs)
         route = current_route()
+        if route is not None and route.pool is not None:
+            return route.pool.add_rows(self, x, self.base(x, *args, **kwargs), route.row_slots)
         if route is not None and route.row_adapters is not None:
-            return self._forward_rows(x, self.base(x, *args, **kwargs), route.row_adapters)
+            return self._forward_rows(x, self.base(x, *args, **kwargs), route)
         adapters = [self.adapters[name] for name in self.active if name not in self.merged]
         folding = [a for a in adapters if a.folds_input]
         if folding:  # whole-FFN mixtures: (..., k, in) rows -> their gate-weighted sum, before the base
@@ -103,8 +106,10 @@ class AdaptedLinear(nn.Module):
             out = adapter(x, out, self.base)
         return out
 
-    def _forward_rows(self, x: torch.Tensor, out: torch.Tensor, row_adapters: tuple[str | None, ...]) -> torch.Tensor:
-        """Heterogeneous batch: row i gets only adapter ``row_adapters[i]``, grouped so each adapter runs once."""
+    def _forward_rows(self, x: torch.Tensor, out: torch.Tensor, route: Route) -> torch.Tensor:
+        """Heterogeneous batch: row i gets only adapter ``row_adapters[i]``: through the gathered kernel
+        (``mm.batched``) where every adapter used is ``s B A x``, else grouped so each adapter runs once."""
+        row_adapters = route.row_adapters
         if len(row_adapters) != x.shape[0]:
             raise ValueError(f"route gives adapters for {len(row_adapters)} rows, the batch has {x.shape[0]}")
         if self.merged:
@@ -113,6 +118,10 @@ class AdaptedLinear(nn.Module):
                for name in set(row_adapters)):
             raise ValueError("per-row adapters cannot route a batch through a whole-FFN mixture (top_k > 1 with "
                              "router_scope='block'); use router_scope='layer' or one adapter for the whole batch")
+        if route.gathered:
+            gathered = forward_rows(self, x, out, row_adapters, route.cache)
+            if gathered is not None:
+                return gathered
         for name in dict.fromkeys(n for n in row_adapters if n is not None):
             if name not in self.adapters:
                 continue  # this layer is not adapted by that adapter: its rows keep the base output
