@@ -3,6 +3,7 @@ and Concrete subspace merging (Tang et al., 2023). Results are plain LoRA adapte
 
 from mm.compose.adapters import METHODS, MergeError, merge_adapters
 from mm.compose.concrete import ConcreteConfig, ConcreteResult, entropy_loss
+from mm.compose.icm_lora import GeneratorError, LoraGenerator, describe_task
 from mm.compose.task_vectors import (
     adapter_task_vectors,
     concrete_merge_adapters,
@@ -10,7 +11,7 @@ from mm.compose.task_vectors import (
     state_dict_task_vectors,
 )
 
-__all__ = [
+__all__ = ["GeneratorError", "LoraGenerator", "describe_task",  # ICM-LoRA (icm_lora.py)
     "METHODS", "ConcreteConfig", "ConcreteResult", "MergeError", "adapter_task_vectors", "concrete_merge_adapters",
     "concrete_merge_task_vectors", "entropy_loss", "merge_adapters", "state_dict_task_vectors",
 ]
