@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 import math
 
-from train_helpers import ROOT
+from train_helpers import FAST, ROOT
 
 from train.cli import main
 
@@ -60,3 +60,19 @@ def test_bad_settings_are_one_line(tmp_path, capsys):
     assert "missing.yaml" in capsys.readouterr().err
     assert main(["limits", "--config", LLAMA, "--tolerance", "0"]) == 2
     assert "--tolerance" in capsys.readouterr().err
+
+
+def test_a_trained_run_is_measured_with_its_adapters(tmp_path, capsys):
+    from train.engine.config import load_recipe
+    from train.engine.loop import train
+
+    run = tmp_path / "run"
+    train(load_recipe(LLAMA, [*FAST, f"train.out_dir={run}", "train.max_steps=3", "train.batch_size=4"]),
+          say=lambda *a: None)
+    capsys.readouterr()
+    assert main(["limits", "--run", str(run), "--batch-size", "2"]) == 0
+    out = capsys.readouterr().out
+    record = json.loads(out[out.index("{"):])
+    assert all(layer["delta_max"] > 0 for layer in record["layers"])  # trained B is no longer zero
+    assert main(["limits", "--run", str(tmp_path)]) == 2
+    assert "not a run folder" in capsys.readouterr().err

@@ -1,6 +1,7 @@
 """``mmtune limits --config recipe.yaml``: which adapted attention layers are below LoRA's efficiency threshold.
 
-Builds the recipe's task (random-init base from the recipe seed, its adapters attached), runs ONE batch of
+Builds the recipe's task (random-init base from the recipe seed, its adapters attached; with ``--run
+RUN_DIR`` the run's own recipe and its trained adapters, as ``mmtune eval`` loads them), runs ONE batch of
 its training data forward with every adapted attention layer hooked, and prints per layer the norms of
 Hu et al. (2024, arXiv 2406.03136) that decide whether LoRA's attention gradient admits a near-linear
 algorithm, the side of the sqrt(log L) threshold each layer is on, and whether the polynomial path of
@@ -18,7 +19,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
         "limits", help="measure LoRA's computational-limit norms per adapted attention layer on one batch",
         description="Per adapted attention layer: max-entry norms of X, W*, alpha BA/r and the adapted Q, K on "
                     "one training batch, the sqrt(log L) threshold of Hu et al. (2024) and which side it is on.")
-    parser.add_argument("--config", required=True, help="recipe YAML file")
+    parser.add_argument("--config", default=None, help="recipe YAML file (its untrained adapters)")
+    parser.add_argument("--run", default=None, help="a run folder: measure its trained adapters (its config.yaml)")
     parser.add_argument("--batch-size", type=int, default=None, help="samples in the batch (default: train.batch_size)")
     parser.add_argument("--tolerance", type=float, default=1e-3,
                         help="relative error allowed for the Taylor kernel when choosing the degree (default 1e-3)")
@@ -37,15 +39,26 @@ def run(args: argparse.Namespace) -> int:
     from mm.config import ConfigError
     from mm.limits import measure_limits
     from mm.state import atomic_write
+    from train.engine.checkpoint import load_trainable
     from train.engine.config import load_recipe
     from train.engine.loop import eval_batches, seed_everything
+    from train.engine.run_folder import load_run_recipe
     from train.engine.task import get_task
 
-    recipe = load_recipe(args.config, args.overrides)  # bad recipes: one line from train.cli, exit 2
     if args.tolerance <= 0 or args.threshold_scale <= 0:
         raise ConfigError("--tolerance and --threshold-scale: expected positive numbers")
-    seed_everything(recipe.seed)
+    if args.run is None and args.config is None:
+        raise ConfigError("give --config RECIPE or --run RUN_DIR")
+    if args.run is not None:  # bad input: one line from train.cli, exit 2
+        recipe = load_run_recipe(args.run, args.overrides, "limits", recipe_file=args.config)
+    else:
+        recipe = load_recipe(args.config, args.overrides)
+    seed_everything(recipe.seed)  # the frozen base of tiny recipes is random-init from the seed
     task = get_task(recipe.task)(recipe)
+    if args.run is not None:
+        if not (Path(args.run) / "adapters.safetensors").is_file():
+            raise ConfigError(f"{args.run}: no adapters.safetensors (not a finished run)")
+        load_trainable(task, Path(args.run))
     task.eval()
     dataset = task.train_dataset()
     if len(dataset) == 0:
