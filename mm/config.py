@@ -80,6 +80,11 @@ class AdapterConfig:
     r: int = field(default=8, metadata={"help": "Rank of the update."})
     alpha: float = field(default=8.0, metadata={"help": "Scale numerator: the update is scaled by alpha/r."})
     dropout: float = field(default=0.0, metadata={"help": "Dropout on the adapter's input."})
+    modules_to_save: list[str] = field(
+        default_factory=list,
+        metadata={"help": "Modules trained in full beside the adapter and saved with it (a classifier head), by "
+                  "name or suffix, as PEFT: each gets a trainable copy per adapter (mm.modules_to_save)."},
+    )
 
     def __post_init__(self) -> None:
         self.validate()

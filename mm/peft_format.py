@@ -24,6 +24,7 @@ from mm.config import ConfigError
 from mm.embedding import EmbeddingLoRA, fill_embedding_lora, peft_embedding_key, peft_embedding_tensors
 from mm.layer import is_conv1d
 from mm.mha import SplitMultiheadAttention
+from mm.modules_to_save import ModuleCopy
 from mm.state import AdapterStateError, atomic_write, check_finite
 from mm.wrap import AttachError, adaptable_layers, adapted_layers, adapter_config, attach, delete_adapter
 
@@ -45,9 +46,14 @@ def export_peft(model: nn.Module, directory: str | os.PathLike, adapter: str = "
     if config.init == "loftq":
         raise TypeError(f"adapter {adapter!r} has init 'loftq': its A, B belong to the quantised base it made, which "
                         "PEFT would not rebuild on load; merge it, or save the base with mm.save_adapters")
-    tensors, layer_names, conv1d = {}, [], False
+    tensors, layer_names, conv1d, saved = {}, [], False, []
     for name, layer in adapted_layers(model):
         module = layer.adapters[adapter] if adapter in layer.adapters else None
+        if isinstance(module, ModuleCopy):  # PEFT saves a modules_to_save copy under the module's own keys
+            saved.append(name)
+            tensors.update({f"{PEFT_PREFIX}{name}.{k}": v.detach().cpu().contiguous().clone()
+                            for k, v in module.module.state_dict().items()})
+            continue
         if isinstance(module, EmbeddingLoRA):  # PEFT's lora_embedding_A/B keys (mm.embedding)
             layer_names.append(name)
             tensors.update(peft_embedding_tensors(name, module, PEFT_PREFIX))
@@ -77,7 +83,7 @@ def export_peft(model: nn.Module, directory: str | os.PathLike, adapter: str = "
         "target_modules": "|".join(re.escape(n) for n in layer_names),
         # PEFT re-runs an 'olora' init when it loads the adapter, taking s B0 A0 out of the base as we do.
         "init_lora_weights": "olora" if config.init == "olora" else True,
-        "modules_to_save": None, "layers_to_transform": None,
+        "modules_to_save": saved or None, "layers_to_transform": None,
         "use_dora": isinstance(config, DoRAConfig),
         "rank_pattern": dict(config.rank_pattern), "alpha_pattern": dict(config.alpha_pattern),
     }
@@ -100,7 +106,10 @@ def import_peft(model: nn.Module, directory: str | os.PathLike, name: str = "def
         raise AdapterStateError(f"{weights_path}: not a readable safetensors file ({err})") from None
     check_finite(tensors, weights_path)
     layers: dict[str, dict[str, torch.Tensor]] = {}
+    saved = _saved_module_tensors(tensors, peft_config.get("modules_to_save") or [], directory / CONFIG_FILE)
     for key, tensor in tensors.items():
+        if key in saved["keys"]:
+            continue
         if (embedding_key := peft_embedding_key(key, PEFT_PREFIX)) is not None:
             layers.setdefault(embedding_key[0], {})[embedding_key[1]] = tensor
             continue
@@ -112,6 +121,7 @@ def import_peft(model: nn.Module, directory: str | os.PathLike, name: str = "def
     if not layers:
         raise AdapterStateError(f"{weights_path}: holds no LoRA weights")
     config = _lora_config(peft_config, layers, directory / CONFIG_FILE)
+    config.modules_to_save = sorted(saved["modules"])
     try:
         attach(model, config, name)
     except AttachError as err:
@@ -120,10 +130,38 @@ def import_peft(model: nn.Module, directory: str | os.PathLike, name: str = "def
                                 f"({', '.join(lacking[:6])}{' ...' if len(lacking) > 6 else ''}); {err}") from None
     try:
         _fill(model, name, layers, weights_path)
+        _fill_saved_modules(model, name, saved["modules"], weights_path)
     except AdapterStateError:
         delete_adapter(model, name)
         raise
     return model
+
+
+def _saved_module_tensors(tensors: dict[str, torch.Tensor], patterns: object, path: Path) -> dict:
+    """PEFT's modules_to_save tensors: {'keys': those keys, 'modules': {module path: {tensor name: tensor}}}."""
+    if not isinstance(patterns, list) or not all(isinstance(p, str) for p in patterns):
+        raise AdapterStateError(f"{path}: key 'modules_to_save' must be a list of module names, got {patterns!r}")
+    keys, modules = set(), {}
+    for key, tensor in tensors.items():
+        for pattern in patterns:
+            found = re.fullmatch(rf"{re.escape(PEFT_PREFIX)}((?:.*\.)?{re.escape(pattern)})\.(.+)", key)
+            if found is not None:
+                modules.setdefault(found.group(1), {})[found.group(2)] = tensor
+                keys.add(key)
+                break
+    return {"keys": keys, "modules": modules}
+
+
+def _fill_saved_modules(model: nn.Module, name: str, modules: dict[str, dict[str, torch.Tensor]], path: Path) -> None:
+    for module_name, state in modules.items():
+        copy = model.get_submodule(module_name).adapters[name].module
+        expected = copy.state_dict()
+        wrong = sorted(set(expected) ^ set(state)) or [
+            f"{k}: file {tuple(v.shape)} vs model {tuple(expected[k].shape)}" for k, v in state.items()
+            if v.shape != expected[k].shape]
+        if wrong:
+            raise AdapterStateError(f"{path}: modules_to_save {module_name!r} does not fit the model: {wrong[:6]}")
+        copy.load_state_dict(state)
 
 
 def _lora_config(peft_config: dict, layers: dict, path: Path) -> LoRAConfig:

@@ -24,6 +24,7 @@ from mm.layer import (
     weight_out_in,
 )
 from mm.mha import PROJECTIONS, SplitMultiheadAttention
+from mm.modules_to_save import SavedModule, add_module_copies, modules_to_save_for
 
 
 class AttachError(MMTuneError, ValueError):
@@ -42,8 +43,13 @@ def adaptable_layers(model: nn.Module) -> list[str]:
 def adaptable_layer_kinds(model: nn.Module) -> dict[str, str]:
     """Every adaptable layer's name -> its kind, 'linear', 'conv' or 'embedding' (``mm.conv.supports_layer_kind``)."""
     kinds: dict[str, str] = {}
+    saved: tuple[str, ...] = ()  # inside a saved module (its original, its copies) nothing is adaptable
     for name, module in model.named_modules():
-        if isinstance(module, AdaptedLinear):
+        if saved and name.startswith(saved):
+            continue
+        if isinstance(module, SavedModule):
+            saved += (f"{name}.",)
+        elif isinstance(module, AdaptedLinear):
             kinds[name] = module.kind
         elif isinstance(module, nn.MultiheadAttention):
             kinds.update((f"{name}.{p}" if name else p, "linear") for p in PROJECTIONS)
@@ -165,6 +171,7 @@ def attach(model: nn.Module, config: AdapterConfig, name: str = "default", *, ac
         raise AttachError(f"model already has an adapter named {name!r}; delete it first or pick another name")
     targets = select_targets(model, config)
     _check_patterns_match(config, targets)
+    saved_modules = modules_to_save_for(model, config, targets)
     layer_adapters = _build_layer_adapters(model, config, targets)  # refuses before the model changes
     for mha_name in dict.fromkeys(t.rpartition(".")[0] for t in targets):
         owner = model.get_submodule(mha_name)
@@ -190,6 +197,7 @@ def attach(model: nn.Module, config: AdapterConfig, name: str = "default", *, ac
     tie_outputs = getattr(config, "tie_outputs", None)
     if tie_outputs is not None:  # layers that share a target's weight follow it (trainable tokens' tied head)
         tie_outputs(model, name, targets, active=active)
+    add_module_copies(model, saved_modules, name, config, active=active)
     freeze_base(model)
     return model
 
