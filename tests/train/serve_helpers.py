@@ -10,11 +10,11 @@ import torch
 WORDS = [f"w{i}" for i in range(60)] + ["hello", "world", "tell", "me", "a", "story", "about", "cats"]
 
 
-def tiny_llm(vocab_size: int, seed: int = 0):
+def tiny_llm(vocab_size: int, seed: int = 0, hidden: int = 64):
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(seed)
-    config = LlamaConfig(vocab_size=vocab_size, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+    config = LlamaConfig(vocab_size=vocab_size, hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=2,
                          num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512)
     return LlamaForCausalLM(config).eval()
 
