@@ -6,10 +6,12 @@
 """
 
 from mm.adapters import ADAPTERS, Adapter, NotMergeableError
+from mm.adapters.dora import DoRAConfig
 from mm.adapters.lora import LoRAConfig
 from mm.compose import merge_adapters
 from mm.config import AdapterConfig, ConfigError
 from mm.errors import MMTuneError
+from mm.hotswap import hotswap_adapter
 from mm.layer import AdaptedConv, AdaptedEmbedding, AdaptedLinear
 from mm.merge import merge, unmerge
 from mm.peft_format import export_peft, import_peft
@@ -39,7 +41,7 @@ def list_adapters() -> dict[str, str]:
 __all__ = [
     "ADAPTERS", "Adapter", "AdapterPool", "AdaptedConv", "AdaptedEmbedding", "AdaptedLinear", "AdapterConfig", "AdapterStateError", "AttachError", "ConfigError",
     "MMTuneError",
-    "LoRAConfig", "NotMergeableError", "PoolError", "TrainableReport", "active_adapters", "adapted_layers", "adapter_config",
+    "DoRAConfig", "LoRAConfig", "hotswap_adapter", "NotMergeableError", "PoolError", "TrainableReport", "active_adapters", "adapted_layers", "adapter_config",
     "adapter_names", "attach", "delete_adapter", "disable_adapters", "export_peft", "import_peft",
     "list_adapters", "load_adapters", "merge", "merge_adapters", "route", "save_adapters", "select_targets", "set_active",
     "trainable_report", "unmerge",
