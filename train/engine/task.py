@@ -23,7 +23,8 @@ from mm.registry import Registry
 TASKS: Registry[type] = Registry("task")
 
 #: Modules whose import registers tasks; tracks append theirs here.
-TASK_MODULES = ["train.tasks.digits", "train.tasks.lm", "train.tasks.eo", "train.tasks.avsr", "train.tasks.mllm"]
+TASK_MODULES = ["train.tasks.digits", "train.tasks.lm", "train.tasks.eo", "train.tasks.avsr", "train.tasks.mllm",
+                "train.tasks.multi_adapter"]
 
 
 def get_task(name: str) -> type:
