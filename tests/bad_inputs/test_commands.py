@@ -38,8 +38,8 @@ def cluster(capsys, *settings: str, config: str = CLUSTER):
 
 
 def test_cluster_unknown_source_lists_the_valid_ones(capsys):
-    line = assert_clear_error(cluster(capsys, "data.source=mnist"), "cluster", "data.source", "'mnist'")
-    assert "digits, fashion_mnist, m3leo, npz" in line
+    line = assert_clear_error(cluster(capsys, "data.source=mnistt"), "cluster", "data.source", "'mnistt'")
+    assert "digits, mnist, fashion_mnist" in line
 
 
 def _npz(path: Path, **arrays) -> Path:

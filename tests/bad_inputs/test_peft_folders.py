@@ -90,19 +90,35 @@ STATE, CONFIG = mm.AdapterStateError, mm.ConfigError
 
 @pytest.mark.parametrize("changes, error, culprit", [
     ({"peft_type": "IA3"}, STATE, "key 'peft_type' is 'IA3', expected 'LORA'"),
-    ({"use_dora": True}, STATE, "key 'use_dora'=True is not supported"),
     ({"lora_bias": True}, STATE, "key 'lora_bias'=True is not supported"),
-    ({"rank_pattern": {"fc1": 8}}, STATE, "key 'rank_pattern'"),
-    ({"alpha_pattern": {"fc2": 2}}, STATE, "key 'alpha_pattern'"),
     ({"r": None}, STATE, "key 'r' must be a number, got None"),
     ({"lora_alpha": "16"}, STATE, "key 'lora_alpha' must be a number, got '16'"),
     ({"r": 0}, CONFIG, "key 'r' must be >= 1"),
     ({"lora_alpha": math.nan}, CONFIG, "key 'alpha' must be a finite number"),
     ({"lora_dropout": 1.5}, CONFIG, "key 'dropout' must be in [0, 1)"),
-], ids=["ia3", "dora", "lora-bias", "rank-pattern", "alpha-pattern", "no-r", "text-alpha", "zero-r", "nan-alpha",
-        "dropout"])
+], ids=["ia3", "lora-bias", "no-r", "text-alpha", "zero-r", "nan-alpha", "dropout"])
 def test_unsupported_or_bad_config_key_is_named(tmp_path, changes, error, culprit):
     _refused(_edit_config(_exported(tmp_path), **changes), error, CONFIG_FILE, culprit)
+
+
+# DoRA and rank/alpha patterns are read (mm/adapters/dora.py, LoRA patterns): a config that claims them
+# must agree with the weights beside it, and the weights file is named when it does not.
+@pytest.mark.parametrize("changes, culprit", [
+    ({"use_dora": True}, "lora_magnitude_vector"),
+    ({"rank_pattern": {"fc1": 8}}, "fc1.lora_A has shape (4, 12), model expects (8, 12)"),
+], ids=["dora-without-magnitude", "rank-pattern-disagrees"])
+def test_config_that_disagrees_with_its_weights_names_the_weights(tmp_path, changes, culprit):
+    _refused(_edit_config(_exported(tmp_path), **changes), STATE, WEIGHTS_FILE, culprit)
+
+
+def test_alpha_pattern_is_applied_to_the_layer_it_names(tmp_path):
+    folder = _edit_config(_exported(tmp_path), alpha_pattern={"fc2": 2})
+    model = TOY.build()
+    mm.import_peft(model, folder)
+    scalings = {name: layer.adapters["default"].scaling for name, layer in mm.adapted_layers(model)}
+    fc2 = [value for name, value in scalings.items() if name.endswith("fc2")]
+    others = [value for name, value in scalings.items() if not name.endswith("fc2")]
+    assert fc2 and others and all(value != others[0] for value in fc2), scalings
 
 
 # ---- adapter_model.safetensors -----------------------------------------------------------------------------
