@@ -106,3 +106,25 @@ def test_bad_requests_are_refused():
         GenerationRequest(prompt_ids=[])
     with pytest.raises(ValueError, match="max_batch"):
         BatchedGenerator(tiny_llm(VOCAB), max_batch=0)
+
+
+def test_pool_pages_adapters_and_answers_equal_attached_adapters(model, tmp_path):
+    """With an mm.AdapterPool of 2 slots serving 3 adapters, a batch never names more than 2 adapters (the
+    rest wait), adapters are evicted and paged back, and every answer equals the attached adapter's."""
+    import mm
+
+    pool = mm.AdapterPool(model, targets=["q_proj", "v_proj", "down_proj"], r_max=4, slots=2)
+    for name in ["alpha", "beta", "gamma"]:
+        mm.save_adapters(model, tmp_path / f"{name}.safetensors", [name])
+        pool.register(name, tmp_path / f"{name}.safetensors")
+    generator = BatchedGenerator(model, max_batch=8, pool=pool)
+    requests = random_requests(10, seed=5)
+    for request in requests:
+        generator.submit(request)
+    widest = 0
+    while generator.busy():
+        generator.step()
+        widest = max(widest, len({r.adapter for r in generator.running} - {None}))
+    assert widest == 2 and pool.evictions > 0
+    for request in requests:
+        assert request.tokens == greedy_alone(model, request.prompt_ids, request.adapter, request.max_new_tokens, None)

@@ -10,6 +10,10 @@ The running cache is the model's own ``DynamicCache``; its per-layer ``keys``/``
 (batch, heads, time, dim) tensors that are left-padded to the longest row. ``mask`` marks the real
 (non-pad) time steps of each row and every row carries its own position ids, so a padded row computes
 what it would compute alone. Columns that are padding for every row are trimmed when rows leave.
+
+With an ``mm.AdapterPool`` (``pool=``) the rows go through the pool's device slots instead of attached
+adapters: any number of adapters registered, at most ``pool.slots`` of them in one batch (the others'
+requests wait until rows leave), the least recently used paged out.
 """
 
 from __future__ import annotations
@@ -69,10 +73,11 @@ class BatchedGenerator:
     returns the requests that finished in it. ``generate`` runs a list of requests to completion.
     """
 
-    def __init__(self, model: nn.Module, *, max_batch: int = 32) -> None:
+    def __init__(self, model: nn.Module, *, max_batch: int = 32, pool=None) -> None:
         if max_batch < 1:
             raise ValueError(f"max_batch must be at least 1, got {max_batch}")
         self.model, self.max_batch = model, max_batch
+        self.pool = pool  # an mm.AdapterPool: adapters paged into its device slots instead of attached ones
         self.embed = model.get_input_embeddings()
         self.waiting: list[GenerationRequest] = []
         self.running: list[GenerationRequest] = []
@@ -105,13 +110,37 @@ class BatchedGenerator:
     def step(self) -> list[GenerationRequest]:
         """Admit waiting requests, then decode one token for every running row; returns finished requests."""
         finished: list[GenerationRequest] = []
-        room = self.max_batch - len(self.running)
-        if room > 0 and self.waiting:
-            joining, self.waiting = self.waiting[:room], self.waiting[room:]
+        joining = self._admit()
+        if joining:
             finished += self._prefill(joining)
         if self.running:
             finished += self._decode()
         return finished
+
+    def _admit(self) -> list[GenerationRequest]:
+        """Waiting requests that join now, in order, up to ``max_batch`` rows and, with a pool, as long as
+        the batch names no more adapters than the pool has slots (the others wait for rows to leave)."""
+        room = self.max_batch - len(self.running)
+        if self.pool is None:
+            joining, self.waiting = self.waiting[:room], self.waiting[room:]
+            return joining
+        adapters = {r.adapter for r in self.running} - {None}
+        joining, later = [], []
+        for request in self.waiting:
+            named = adapters | ({request.adapter} - {None})
+            if len(joining) < room and len(named) <= self.pool.slots:
+                joining.append(request)
+                adapters = named
+            else:
+                later.append(request)
+        self.waiting = later
+        return joining
+
+    def _routed(self, requests: list[GenerationRequest], token_masks: dict[str, torch.Tensor]):
+        names = [r.adapter for r in requests]
+        if self.pool is None:
+            return route(row_adapters=names, token_masks=token_masks)
+        return route(pool=self.pool, row_slots=self.pool.acquire(names), token_masks=token_masks)
 
     # ------------------------------------------------------------------------------------------ prefill
 
@@ -131,7 +160,7 @@ class BatchedGenerator:
         mask = torch.stack(masks).to(self.device)
         positions = (mask.cumsum(1) - 1).clamp(min=0)
         token_masks = {"vision": torch.stack(visions).to(self.device), "attention": mask.bool()}
-        with route(row_adapters=[r.adapter for r in joining], token_masks=token_masks):
+        with self._routed(joining, token_masks):
             out = self.model(inputs_embeds=torch.stack(embeds), attention_mask=mask, position_ids=positions,
                              use_cache=True)
         tokens = self._pick(out.logits[:, -1], joining)
@@ -160,7 +189,7 @@ class BatchedGenerator:
         self.mask = torch.cat([self.mask, self.mask.new_ones(rows, 1)], dim=1)
         token_masks = {"vision": torch.zeros(rows, 1, dtype=torch.bool, device=self.device),
                        "attention": torch.ones(rows, 1, dtype=torch.bool, device=self.device)}
-        with route(row_adapters=[r.adapter for r in self.running], token_masks=token_masks):
+        with self._routed(self.running, token_masks):
             out = self.model(input_ids=self.last[:, None], attention_mask=self.mask,
                              position_ids=self.positions[:, None], cache=self.cache, use_cache=True)
         self.cache = out.cache
