@@ -17,15 +17,19 @@ the budget, not by the number of adapters. Adapters of different ranks share the
 
 Each row's update runs through ``mm.batched.gathered_low_rank`` (one batched computation, no loop over
 adapters). Adapters attached to the model with ``mm.attach`` are not applied inside ``pool.route``.
-On CUDA, host copies are pinned and copied with ``non_blocking`` so paging overlaps compute.
+On CUDA, host copies are pinned and copied with ``non_blocking`` so paging overlaps compute; ``prefetch(names)``
+reads files on a background thread, so the ``acquire`` that needs them waits for no disk. Registering and
+acquiring hold a lock: a server may call them from several threads.
 """
 
 from __future__ import annotations
 
 import contextlib
 import os
+import threading
 from collections import OrderedDict
 from collections.abc import Iterator, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -101,23 +105,42 @@ class AdapterPool:
         self._resident: OrderedDict[str, int] = OrderedDict()  # name -> slot, least recently used first
         self._free = list(range(self.slots - 1, -1, -1))
         self.loads = self.evictions = 0
+        self._lock = threading.RLock()
+        self._pending: dict[str, Future] = {}
+        self._reader: ThreadPoolExecutor | None = None
 
     # -- registration -------------------------------------------------------------------------------------
     def register(self, name: str, path: str | os.PathLike, *, adapter: str | None = None) -> None:
         """Register ``path`` (an mmtune adapter file, or a PEFT LoRA directory) as ``name``; ``adapter`` picks
         one adapter of a multi-adapter mmtune file. Checks layers and shapes now; loads nothing."""
+        with self._lock:
+            self._register(name, Path(path), adapter)
+
+    def _register(self, name: str, path: Path, adapter: str | None) -> None:
         if name in self._entries:
             raise PoolError(f"adapter {name!r} is already registered (from {self._entries[name].path})")
-        path = Path(path)
         entry = self._read_peft_header(path) if path.is_dir() else self._read_mmtune_header(path, adapter)
         self._entries[name] = entry
 
     def unregister(self, name: str) -> None:
-        self._known(name)
-        slot = self._resident.pop(name, None)
-        if slot is not None:
-            self._free.append(slot)
-        del self._entries[name]
+        with self._lock:
+            self._known(name)
+            slot = self._resident.pop(name, None)
+            if slot is not None:
+                self._free.append(slot)
+            self._pending.pop(name, None)
+            del self._entries[name]
+
+    def prefetch(self, names: Sequence[str]) -> None:
+        """Start reading these adapters' files on a background thread (those not resident or already coming);
+        the next ``acquire`` naming them takes the host copies without touching the disk. Errors surface there."""
+        with self._lock:
+            for name in dict.fromkeys(names):
+                self._known(name)
+                if name not in self._resident and name not in self._pending:
+                    if self._reader is None:
+                        self._reader = ThreadPoolExecutor(max_workers=1, thread_name_prefix="mm-pool")
+                    self._pending[name] = self._reader.submit(self._read, name)
 
     def names(self) -> list[str]:
         return list(self._entries)
@@ -202,13 +225,17 @@ class AdapterPool:
     def acquire(self, row_names: Sequence[str | None]) -> torch.Tensor:
         """Each row's slot (a device tensor), paging in the adapters the rows name (None: the base alone).
         Errors (unknown adapter, too many for the pool, a file that changed) leave the pool as it was."""
+        with self._lock:
+            return self._acquire(row_names)
+
+    def _acquire(self, row_names: Sequence[str | None]) -> torch.Tensor:
         wanted = list(dict.fromkeys(n for n in row_names if n is not None))
         for name in wanted:
             self._known(name)
         if len(wanted) > self.slots:
             raise PoolError(f"batch names {len(wanted)} adapters; the pool holds {self.slots} (raise budget_bytes/slots)")
         missing = [n for n in wanted if n not in self._resident]
-        host = {name: self._read(name) for name in missing}  # every read before any eviction
+        host = {name: self._host_copy(name) for name in missing}  # every read before any eviction
         for name in wanted:
             if name in self._resident:
                 self._resident.move_to_end(name)
@@ -243,6 +270,10 @@ class AdapterPool:
             known = sorted(self._entries)
             preview = ", ".join(known[:8]) + (f" (+{len(known) - 8} more)" if len(known) > 8 else "")
             raise PoolError(f"unknown adapter {name!r}; registered: {preview or 'none'}")
+
+    def _host_copy(self, name: str) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+        pending = self._pending.pop(name, None)
+        return pending.result() if pending is not None else self._read(name)
 
     def _read(self, name: str) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
         """The adapter's (A * scaling, B) per layer on the host, checked finite (and its checksum, for mmtune

@@ -127,3 +127,23 @@ def test_a_file_changed_after_registering_fails_its_load_without_evicting(saved,
     with pytest.raises(mm.AdapterStateError, match=r"x\.safetensors.*checksum"):
         pool.acquire(["x"])
     assert pool.resident() == ["a", "b"] and pool.evictions == 0
+
+
+def test_prefetched_adapters_load_without_reading_the_file_again(saved, tmp_path):
+    folder, model, ids = saved
+    base, pool = _pool(folder, slots=2)
+    for name in ("x", "bad"):
+        (tmp_path / f"{name}.safetensors").write_bytes((folder / "c.safetensors").read_bytes())
+        pool.register(name, tmp_path / f"{name}.safetensors")
+    data = bytearray((tmp_path / "bad.safetensors").read_bytes())
+    data[-3] ^= 0xFF
+    (tmp_path / "bad.safetensors").write_bytes(bytes(data))
+    pool.prefetch(["x", "bad"])
+    pool._pending["x"].result()  # wait for the background read, then take the file away
+    (tmp_path / "x.safetensors").unlink()
+    rows = ["x", "a", None, "x", "a"]
+    torch.testing.assert_close(_served(base, pool, ids, rows), _reference(model, ids, ["c", "a", None, "c", "a"]),
+                               rtol=1e-5, atol=1e-5)
+    with pytest.raises(mm.AdapterStateError, match=r"bad\.safetensors.*checksum"):  # the background error, here
+        pool.acquire(["bad"])
+    assert pool.resident() == ["x", "a"]
