@@ -157,3 +157,23 @@ def test_runtime_registration_is_confined_to_the_adapter_folders(world, tmp_path
         handle.stop()
         for name in ("gamma.safetensors", "delta.safetensors.part"):
             (world["adapters"] / name).unlink(missing_ok=True)
+
+
+def test_pool_server_of_one_slot_answers_as_attached_adapters(server, world):
+    """--pool-slots 1: both adapters served through one device slot, answers equal the attached ones'."""
+    pooled = start(world, pool_slots=1)
+    try:
+        assert pooled.state.registry.pool.slots == 1
+        bodies = [{"model": m, "prompt": "tell me a story", "max_tokens": 10, "temperature": 0}
+                  for m in ["alpha", "beta", "base", "beta", "alpha"]]
+
+        async def ask(url):
+            async with httpx.AsyncClient(base_url=url, timeout=60) as client:
+                return await asyncio.gather(*(client.post("/v1/completions", json=b) for b in bodies))
+
+        got = [r.json()["choices"][0]["text"] for r in asyncio.run(ask(pooled.url))]
+        want = [r.json()["choices"][0]["text"] for r in asyncio.run(ask(server.url))]
+        assert got == want and len(set(want)) == 3
+        assert pooled.state.registry.pool.evictions > 0
+    finally:
+        pooled.stop()

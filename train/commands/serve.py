@@ -38,6 +38,10 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     parser.add_argument("--max-tokens", type=int, default=256, help="largest max_tokens a request may ask")
     parser.add_argument("--max-prompt-tokens", type=int, default=1024, help="longest prompt, in tokens")
     parser.add_argument("--max-body-bytes", type=int, default=1 << 20, help="largest request body (default 1 MiB)")
+    parser.add_argument("--pool-slots", type=int, default=None,
+                        help="serve LoRA adapters through an adapter pool of this many device slots (any number "
+                             "registered, least recently used paged out)")
+    parser.add_argument("--pool-budget-mib", type=float, default=None, help="... or of this much device memory")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     return parser
 
@@ -61,12 +65,16 @@ def run(args: argparse.Namespace) -> int:
     for flag in ("max_batch", "max_concurrent", "max_tokens", "max_prompt_tokens", "max_body_bytes"):
         if getattr(args, flag) < 1:
             raise ConfigError(f"--{flag.replace('_', '-')}: expected a positive integer, got {getattr(args, flag)}")
+    for flag in ("pool_slots", "pool_budget_mib"):
+        if getattr(args, flag) is not None and getattr(args, flag) <= 0:
+            raise ConfigError(f"--{flag.replace('_', '-')}: expected a positive number, got {getattr(args, flag)}")
     api_key = api_key_of(args)
     check_bind(args.host, api_key)  # before the model loads: a refused start is quick
     options = ServeOptions(model=args.model, tokenizer=args.tokenizer, adapters=args.adapter,
                            adapter_dirs=args.adapter_dir, base_name=args.base_name, host=args.host, port=args.port,
                            api_key=api_key, allow_register=args.allow_register, max_batch=args.max_batch,
-                           threads=args.threads)
+                           threads=args.threads, pool_slots=args.pool_slots,
+                           pool_budget_bytes=None if args.pool_budget_mib is None else int(args.pool_budget_mib * 2**20))
     limits = ServeLimits(max_body_bytes=args.max_body_bytes, max_tokens=args.max_tokens,
                          max_prompt_tokens=args.max_prompt_tokens, max_concurrent=args.max_concurrent)
     state = build_state(options, limits)

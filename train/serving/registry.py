@@ -16,8 +16,8 @@ from mm.state import AdapterStateError, load_adapters, read_adapter_file
 class AdapterRegistry:
     """name -> file of every adapter attached to ``model``; ``lock`` serialises model changes with forwards."""
 
-    def __init__(self, model: nn.Module, folders: list[str | Path] = ()) -> None:
-        self.model = model
+    def __init__(self, model: nn.Module, folders: list[str | Path] = (), pool=None) -> None:
+        self.model, self.pool = model, pool  # with an mm.AdapterPool, files are registered there, not attached
         self.folders = [Path(f).resolve() for f in folders]
         for folder in self.folders:
             if not folder.is_dir():
@@ -27,6 +27,10 @@ class AdapterRegistry:
 
     def names(self) -> list[str]:
         return list(self.files)
+
+    def files_to_load(self, paths: list[str | Path]) -> list[Path]:
+        """``paths`` plus the adapter folders' ``*.safetensors`` files, in load order."""
+        return [Path(p) for p in paths] + [f for folder in self.folders for f in sorted(folder.glob("*.safetensors"))]
 
     def load_folders(self) -> list[str]:
         """Every ``*.safetensors`` file of the adapter folders (sorted by name) not registered yet; returns
@@ -60,13 +64,16 @@ class AdapterRegistry:
         with self.lock:
             try:
                 for name in configs:
-                    load_adapters(self.model, path, [name])
+                    if self.pool is not None:
+                        self.pool.register(name, path, adapter=name)  # checks the header; loads nothing
+                    else:
+                        load_adapters(self.model, path, [name])
                     loaded.append(name)
             except Exception:
                 from mm.wrap import delete_adapter
 
                 for name in loaded:  # all-or-nothing per file
-                    delete_adapter(self.model, name)
+                    self.pool.unregister(name) if self.pool is not None else delete_adapter(self.model, name)
                 raise
         for name in loaded:
             self.files[name] = path

@@ -43,6 +43,8 @@ class ServeOptions:
     api_key: str | None = None
     allow_register: bool = False
     max_batch: int = 32
+    pool_slots: int | None = None  # serve through an mm.AdapterPool of this many device slots
+    pool_budget_bytes: int | None = None  # ... or of this many bytes (the smaller bound wins)
     threads: int | None = None  # torch CPU threads (None: torch's default)
 
 
@@ -63,16 +65,38 @@ def build_state(options: ServeOptions, limits=None):
     model.requires_grad_(False)
     tokenizer = load_tokenizer(options.tokenizer or options.model)
     registry = AdapterRegistry(model, options.adapter_dirs)
+    if options.pool_slots or options.pool_budget_bytes:
+        registry.pool = make_pool(model, registry.files_to_load(options.adapters), options)
     for path in options.adapters:
         if not Path(path).is_file():
             raise FileNotFoundError(2, "No such file", path)
         registry.register(path)
     registry.load_folders()
-    worker = GenerationWorker(BatchedGenerator(model, max_batch=options.max_batch), registry.lock)
+    worker = GenerationWorker(BatchedGenerator(model, max_batch=options.max_batch, pool=registry.pool), registry.lock)
     worker.start()
     base_name = options.base_name or Path(options.model).resolve().name
     return ServeState(base_name=base_name, tokenizer=tokenizer, registry=registry, worker=worker,
                       limits=limits or ServeLimits(), api_key=options.api_key, allow_register=options.allow_register)
+
+
+def make_pool(model, files: list[Path], options: ServeOptions):
+    """An mm.AdapterPool over the layers the start-up adapter files target, as wide as their largest rank."""
+    import mm
+    from mm.state import read_adapter_file
+
+    targets: list[str] = []
+    r_max = 1
+    for path in files:
+        for config in read_adapter_file(path)[0].values():
+            if config.method != "lora":
+                raise ConfigError(f"{path}: adapter method {config.method!r}; the pool serves LoRA adapters only")
+            wanted = [*config.targets, *([config.target_regex] if config.target_regex else [])]
+            targets += [t for t in wanted if t not in targets]
+            r_max = max(r_max, config.r)
+    if not targets:
+        raise ConfigError("--pool-slots/--pool-budget-mib: no adapter file at start to take the pool's layers from")
+    return mm.AdapterPool(model, targets=targets, r_max=r_max, slots=options.pool_slots,
+                          budget_bytes=options.pool_budget_bytes)
 
 
 class ServerHandle:
