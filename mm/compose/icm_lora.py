@@ -239,3 +239,20 @@ def _normalise(weights: torch.Tensor, layout: list, stats: dict[str, torch.Tenso
         blocks.append((block - stats[f"mean/{key}"]) / stats[f"std/{key}"])
         start += math.prod(shape)
     return torch.cat(blocks, 1)
+
+
+def save_generated(generator: LoraGenerator, path: str | os.PathLike, condition: torch.Tensor,
+                   name: str = "generated") -> None:
+    """Write the LoRA generated for ``condition`` as an mmtune adapter file (no model needed): ``load_adapters``
+    attaches it to the family's base model like any saved adapter."""
+    from safetensors.torch import save_file
+
+    from mm.state import CHECKSUM_KEY, FORMAT_VERSION, tensors_checksum
+    from mm.state import FORMAT as ADAPTER_FORMAT
+
+    if not name.isidentifier():
+        raise GeneratorError(f"adapter name {name!r} must be an identifier (letters, digits, _)")
+    tensors = {f"{name}/{key}": t.contiguous() for key, t in generator.generate(condition).items()}
+    metadata = {"format": ADAPTER_FORMAT, "format_version": FORMAT_VERSION,
+                "adapters": json.dumps({name: generator.adapter.to_dict()}), CHECKSUM_KEY: tensors_checksum(tensors)}
+    atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=metadata))
