@@ -25,13 +25,13 @@ def random_requests(count: int, seed: int = 1) -> list[GenerationRequest]:
         length = int(torch.randint(1, 14, (1,), generator=generator))
         requests.append(GenerationRequest(
             prompt_ids=torch.randint(3, VOCAB, (length,), generator=generator).tolist(),
-            adapter=[None, "alpha", "beta", "gamma"][i % 4], max_new_tokens=[3, 11, 6, 1, 8][i % 5]))
+            adapter=[None, "alpha", "beta", "gamma"][i % 4], max_new_tokens=[3, 9, 5, 1, 6][i % 5]))
     return requests
 
 
-@pytest.mark.parametrize("max_batch", [1, 3, 32])
+@pytest.mark.parametrize("max_batch", [3, 32])
 def test_mixed_adapter_batch_equals_each_request_alone(model, max_batch):
-    requests = random_requests(9)
+    requests = random_requests(7)
     BatchedGenerator(model, max_batch=max_batch).generate(requests)
     for request in requests:
         assert request.tokens == greedy_alone(model, request.prompt_ids, request.adapter, request.max_new_tokens, None)
@@ -118,7 +118,7 @@ def test_pool_pages_adapters_and_answers_equal_attached_adapters(model, tmp_path
         mm.save_adapters(model, tmp_path / f"{name}.safetensors", [name])
         pool.register(name, tmp_path / f"{name}.safetensors")
     generator = BatchedGenerator(model, max_batch=8, pool=pool)
-    requests = random_requests(10, seed=5)
+    requests = random_requests(7, seed=5)
     for request in requests:
         generator.submit(request)
     widest = 0

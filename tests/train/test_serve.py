@@ -177,3 +177,15 @@ def test_pool_server_of_one_slot_answers_as_attached_adapters(server, world):
         assert pooled.state.registry.pool.evictions > 0
     finally:
         pooled.stop()
+
+
+def test_stop_string_ends_the_answer_before_it(server):
+    whole = post(server, "/v1/completions", {"model": "alpha", "prompt": "hello world", "max_tokens": 12,
+                                             "temperature": 0}).json()["choices"][0]
+    words = whole["text"].split()
+    assert len(words) >= 3
+    stop = words[2]
+    cut = post(server, "/v1/completions", {"model": "alpha", "prompt": "hello world", "max_tokens": 12,
+                                           "temperature": 0, "stop": [stop]}).json()["choices"][0]
+    assert cut["finish_reason"] == "stop" and stop not in cut["text"]
+    assert whole["text"].startswith(cut["text"]) and len(cut["text"]) < len(whole["text"])
