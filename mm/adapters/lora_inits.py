@@ -29,12 +29,23 @@ def _check_rank(config: LoRAConfig, layer_name: str, in_features: int, out_featu
                           f"{layer_name} ({out_features}x{in_features})")
 
 
+def _check_writable(config: LoRAConfig, layer_name: str, base_weight: torch.Tensor, what: str) -> None:
+    """A quantised base hands adapters a dequantised copy (``mm.layer.weight_out_in``): writes would be lost."""
+    from mm.config import ConfigError
+
+    if not isinstance(base_weight, torch.nn.Parameter) and not isinstance(base_weight._base, torch.nn.Parameter):
+        raise ConfigError(f"{config.method}: init {config.init!r} at {layer_name}: the layer is quantised, and "
+                          f"{what} rewrites the base weight; attach to the float model and quantise afterwards")
+
+
 def olora_adapter(config: LoRAConfig, layer_name: str, in_features: int, out_features: int,
                   base_weight: torch.Tensor) -> LoRA:
     """A ResidualLoRA started at B = Q_r, A = R_r of W = Q R, with s B A taken out of the layer."""
     from mm.adapters.pissa import ResidualLoRA, check_float_weight  # late: pissa imports mm.adapters.lora
 
     check_float_weight(f"{config.method} (init 'olora') at {layer_name}", base_weight)
+    if config.residual == "base":
+        _check_writable(config, layer_name, base_weight, "residual='base' (use residual='adapter' on it)")
     _check_rank(config, layer_name, in_features, out_features)
     module = ResidualLoRA(config, in_features, out_features, residual=config.residual,
                           needs="nothing (OLoRA is data-free)", dtype=_param_dtype(base_weight),
@@ -77,6 +88,7 @@ def loftq_adapter(config: LoRAConfig, layer_name: str, in_features: int, out_fea
     from mm.adapters.pissa import check_float_weight
 
     check_float_weight(f"{config.method} (init 'loftq') at {layer_name}", base_weight)
+    _check_writable(config, layer_name, base_weight, "LoftQ")
     _check_rank(config, layer_name, in_features, out_features)
     module = LoRA(config, in_features, out_features, dtype=_param_dtype(base_weight), device=base_weight.device)
     dequantised, lora_a, lora_b = loftq_factors(base_weight, config.r, config.scaling, config.loftq_bits,

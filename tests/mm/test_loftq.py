@@ -84,3 +84,12 @@ def test_save_load_and_refusals(tmp_path):
         mm.export_peft(model, tmp_path / "peft")
     with pytest.raises(mm.ConfigError, match="key 'loftq_bits' must be 4 or 8, got 2"):
         mm.LoRAConfig(targets=["fc1"], init="loftq", loftq_bits=2)
+
+
+def test_a_quantised_base_is_refused_not_silently_left_unchanged():
+    model = torch.nn.Sequential(bnb.nn.Linear4bit(12, 8, quant_type="nf4").to("cpu"))
+    with pytest.raises(mm.ConfigError, match="init 'loftq' at 0: the layer is quantised"):
+        mm.attach(model, mm.LoRAConfig(targets=["0"], r=2, init="loftq"))
+    with pytest.raises(mm.ConfigError, match="init 'olora' at 0: the layer is quantised"):
+        mm.attach(model, mm.LoRAConfig(targets=["0"], r=2, init="olora"))
+    mm.attach(model, mm.LoRAConfig(targets=["0"], r=2, init="olora", residual="adapter"))  # base untouched: fine
