@@ -128,3 +128,56 @@ def test_pool_pages_adapters_and_answers_equal_attached_adapters(model, tmp_path
     assert widest == 2 and pool.evictions > 0
     for request in requests:
         assert request.tokens == greedy_alone(model, request.prompt_ids, request.adapter, request.max_new_tokens, None)
+
+
+def test_a_cancelled_request_leaves_at_the_next_step(model):
+    generator = BatchedGenerator(model)
+    gone = generator.submit(GenerationRequest(prompt_ids=[3, 4], adapter="alpha", max_new_tokens=20))
+    stays = generator.submit(GenerationRequest(prompt_ids=[5, 6, 7], adapter="beta", max_new_tokens=4))
+    never = generator.submit(GenerationRequest(prompt_ids=[8], adapter="beta", max_new_tokens=4))
+    never.cancelled = True  # cancelled while waiting: never admitted
+    generator.waiting.remove(never)
+    generator.waiting.insert(0, never)
+    generator.step()
+    assert never not in generator.running and generator.running == [gone, stays]
+    gone.cancelled = True
+    assert generator.step() == [gone] and gone.finish_reason == "cancelled"
+    while generator.busy():
+        generator.step()
+    assert stays.tokens == greedy_alone(model, [5, 6, 7], "beta", 4, None)
+
+
+def test_mllm_requests_with_images_equal_the_mllms_own_generate():
+    """LLaVA-style MLLM (tiny CLIP + projector + LLM with two LoRA adapters): image and text-only requests
+    for different adapters in one batch answer as LlavaModel.generate does with that adapter alone."""
+    import mm
+    from data.fake_instruct import demo_texts
+    from data.instruct import ChatTemplate
+    from encoders.clip import create_clip
+    from encoders.llm import IMAGE_TOKEN, TinyLLMConfig, word_tokenizer
+    from encoders.llm import tiny_llm as tiny_llm_of
+    from heads.mllm_projector import MLLMProjector
+    from train.serving.engine import mllm_request
+    from train.tasks.mllm_model import LlavaModel
+
+    tok = word_tokenizer([*demo_texts(), *ChatTemplate().texts()])
+    llm = tiny_llm_of(len(tok), TinyLLMConfig(hidden_size=32, intermediate_size=64, layers=2, heads=4, kv_heads=2),
+                      seed=0).eval()
+    llava = LlavaModel(create_clip("tiny-test", seed=0).model, MLLMProjector("mlp2x_gelu", 32, 32), llm,
+                       image_id=tok.convert_tokens_to_ids(IMAGE_TOKEN), pad_id=tok.pad_token_id,
+                       eos_id=tok.eos_token_id).eval()
+    for i, name in enumerate(["alpha", "beta"]):
+        lora_adapter(llm, name, seed=20 + i, targets=("q_proj", "v_proj"))
+    images = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    asks = [(f"{IMAGE_TOKEN} what is this", images[0], "alpha"), ("what is this", None, "beta"),
+            (f"{IMAGE_TOKEN} what", images[1], "beta")]
+    requests = [mllm_request(llava, tok(text, add_special_tokens=False)["input_ids"], image, adapter=name,
+                             max_new_tokens=6) for text, image, name in asks]
+    BatchedGenerator(llm).generate(requests)
+    for (text, image, name), request in zip(asks, requests, strict=True):
+        mm.set_active(llm, [name])
+        ids = torch.tensor([tok(text, add_special_tokens=False)["input_ids"]])
+        alone = llava.generate(ids, torch.ones_like(ids), None if image is None else image[None],
+                               torch.tensor([image is not None]), max_new_tokens=6)[0]
+        assert request.tokens == alone
+    assert requests[0].vision_mask.sum() > 0 and requests[1].vision_mask.sum() == 0

@@ -218,6 +218,9 @@ async def _generate(state: ServeState, body: dict, prompt_ids: list[int], *, cha
         return StreamingResponse(_stream(state, ticket, model, chat, stops), media_type="text/event-stream")
     try:
         await ticket.done
+    except asyncio.CancelledError:  # the client went away: free its row instead of generating on
+        request.cancelled = True
+        raise
     except Exception as err:
         raise ApiError(500, f"generation failed: {type(err).__name__}: {err}", "server_error") from None
     finally:
@@ -264,4 +267,5 @@ async def _stream(state: ServeState, ticket: Ticket, model: str, chat: bool, sto
                 "choices": [{"index": 0, key: {} if chat else "", "finish_reason": request.finish_reason}]}
         yield f"data: {json.dumps(last)}\n\ndata: [DONE]\n\n"
     finally:
+        request.cancelled = request.finish_reason is None  # the stream ended early: free the row
         state.in_flight -= 1

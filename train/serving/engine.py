@@ -44,8 +44,9 @@ class GenerationRequest:
     prompt_embeds: torch.Tensor | None = None
     vision_mask: torch.Tensor | None = None
     tokens: list[int] = field(default_factory=list)  # the answer so far
-    finish_reason: str | None = None  # "stop" or "length" once done
+    finish_reason: str | None = None  # "stop", "length" or "cancelled" once done
     request_id: int = -1
+    cancelled: bool = False  # set from any thread (the client went away): the row leaves at the next step
 
     def __post_init__(self) -> None:
         if (self.prompt_ids is None) == (self.prompt_embeds is None):
@@ -121,6 +122,7 @@ class BatchedGenerator:
         """Waiting requests that join now, in order, up to ``max_batch`` rows and, with a pool, as long as
         the batch names no more adapters than the pool has slots (the others wait for rows to leave)."""
         room = self.max_batch - len(self.running)
+        self.waiting = [r for r in self.waiting if not r.cancelled]
         if self.pool is None:
             joining, self.waiting = self.waiting[:room], self.waiting[room:]
             return joining
@@ -210,7 +212,9 @@ class BatchedGenerator:
         """Append the new token of running rows ``first_row``...; drop the rows that finished (returned)."""
         finished, keep = [], list(enumerate(self.running[:first_row]))
         for i, (request, token) in enumerate(zip(self.running[first_row:], tokens.tolist(), strict=True), first_row):
-            if token in request.stop_ids:
+            if request.cancelled:
+                request.finish_reason = "cancelled"
+            elif token in request.stop_ids:
                 request.finish_reason = "stop"
             else:
                 request.tokens.append(token)
@@ -246,3 +250,16 @@ def _left_pad(tensor: torch.Tensor, width: int, dim: int = -2) -> torch.Tensor:
     shape = list(tensor.shape)
     shape[dim] = missing
     return torch.cat([tensor.new_zeros(shape), tensor], dim=dim)
+
+
+def mllm_request(llava: nn.Module, prompt_ids: list[int], image: torch.Tensor | None = None,
+                 **options) -> GenerationRequest:
+    """A request for the LLaVA-style MLLM of ``train/tasks/mllm_model.py``: the prompt's ``<image>`` token
+    replaced by the image's projected tokens (its ``splice``), marked in ``vision_mask`` for MM-LoRA.
+    Generate it with ``BatchedGenerator(llava.llm)``; the answer stops at the MLLM's end token."""
+    ids = torch.tensor([prompt_ids])
+    with torch.no_grad():
+        inputs = llava.splice(ids, torch.ones_like(ids), None if image is None else image[None],
+                              torch.tensor([image is not None]), side="left")
+    return GenerationRequest(prompt_embeds=inputs["inputs_embeds"][0], vision_mask=inputs["vision_mask"][0],
+                             stop_ids=(llava.eos_id,), **options)
