@@ -92,6 +92,8 @@ def test_chat_and_streaming_give_the_same_answer(server):
     ({"model": "alpha", "prompt": ""}, 400, ["prompt"]),
     ({"model": "alpha", "prompt": "hi", "temperature": "hot"}, 400, ["temperature"]),
     ({"model": "alpha", "prompt": "hi", "stop": ["a"] * 9}, 400, ["stop"]),
+    ({"model": "alpha", "prompt": "hi", "stream": "yes"}, 400, ["stream", "true or false"]),
+    ({"model": "alpha", "prompt": "hi", "n": 2}, 400, ["'n' must be 1"]),
     ({"model": "alpha", "prompt": "x " * 3000}, 413, ["over 4096 bytes"]),
 ])
 def test_bad_requests_get_a_clear_4xx_and_the_server_survives(server, body, status, words):

@@ -195,7 +195,10 @@ def _options(state: ServeState, body: dict) -> tuple[str | None, int, float, lis
     seed = body.get("seed")
     if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
         raise ApiError(400, f"'seed' must be an integer, got {seed!r}", code="bad_seed")
-    return (None if model == state.base_name else model), max_tokens, float(temperature), stop, bool(body.get("stream"))
+    stream = body.get("stream", False)
+    if not isinstance(stream, bool):
+        raise ApiError(400, f"'stream' must be true or false, got {stream!r}", code="bad_stream")
+    return (None if model == state.base_name else model), max_tokens, float(temperature), stop, stream
 
 
 async def _generate(state: ServeState, body: dict, prompt_ids: list[int], *, chat: bool):
