@@ -138,8 +138,8 @@ def test_a_cancelled_request_leaves_at_the_next_step(model):
     never.cancelled = True  # cancelled while waiting: never admitted
     generator.waiting.remove(never)
     generator.waiting.insert(0, never)
-    generator.step()
-    assert never not in generator.running and generator.running == [gone, stays]
+    assert generator.step() == [never] and never.finish_reason == "cancelled" and never.tokens == []
+    assert generator.running == [gone, stays]
     gone.cancelled = True
     assert generator.step() == [gone] and gone.finish_reason == "cancelled"
     while generator.busy():

@@ -110,7 +110,10 @@ class BatchedGenerator:
     @torch.no_grad()
     def step(self) -> list[GenerationRequest]:
         """Admit waiting requests, then decode one token for every running row; returns finished requests."""
-        finished: list[GenerationRequest] = []
+        finished = [r for r in self.waiting if r.cancelled]  # cancelled before they ran: done, never admitted
+        for request in finished:
+            request.finish_reason = "cancelled"
+        self.waiting = [r for r in self.waiting if not r.cancelled]
         joining = self._admit()
         if joining:
             finished += self._prefill(joining)
@@ -122,7 +125,6 @@ class BatchedGenerator:
         """Waiting requests that join now, in order, up to ``max_batch`` rows and, with a pool, as long as
         the batch names no more adapters than the pool has slots (the others wait for rows to leave)."""
         room = self.max_batch - len(self.running)
-        self.waiting = [r for r in self.waiting if not r.cancelled]
         if self.pool is None:
             joining, self.waiting = self.waiting[:room], self.waiting[room:]
             return joining
