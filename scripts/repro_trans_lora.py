@@ -7,8 +7,9 @@ then frozen. The task: sequences counting DOWN by 1-3 (``ArithmeticSequences`` o
 negative strides): 512 real training sequences of 12 tokens; the transfer sees only the first SEEDS of them.
 
 Transfer (``mm.compose.trans_lora.transfer_lora``): the source base with its LoRA (r=8 on attention and MLP,
-trained on the 512 real sequences) samples synthetic sequences (temperature 1, ``--temperature``) from prompts = the first token
-of a seed example; a discriminator (logistic regression on the source's mean last hidden state), trained on
+trained on the 512 real sequences) samples synthetic sequences (temperature 1, ``--temperature``) from
+prompts = the first token of a seed example (``--uniform-prompts``: a uniformly drawn token); a discriminator
+(logistic regression on the source's mean last hidden state), trained on
 the seeds against the synthetic set, keeps those it scores as real; a fresh LoRA on the target learns them by
 next-token cross-entropy. Rows: target next-token accuracy on 256 held-out real sequences (positions 2 onwards,
 where the next token is determined): the target base alone, a target LoRA on the seeds alone, a target LoRA on
@@ -112,7 +113,7 @@ def with_lora(lm, targets: list[str], name: str, data: torch.Tensor | None, step
     return lm
 
 
-def run_seed(sizes: dict, seed: int, temperature: float = 1.0) -> dict:
+def run_seed(sizes: dict, seed: int, temperature: float = 1.0, uniform_prompts: bool = False) -> dict:
     real, held_out = sequences(sizes["real"], TASK_STRIDES, seed), sequences(256, TASK_STRIDES, seed + 50)
     seeds = real[: sizes["seeds_n"]]
     source = with_lora(pretrained(llama, sizes["pretrain_steps"], seed), SOURCE_TARGETS, "task", real,
@@ -129,8 +130,11 @@ def run_seed(sizes: dict, seed: int, temperature: float = 1.0) -> dict:
             for _, layer in mm.adapted_layers(target):
                 if other in layer.adapters:
                     layer.adapters[other].requires_grad_(other == name)
+        # uniform: the first token of each synthetic sequence drawn from the whole vocabulary, not the seeds
+        prompts = torch.randint(0, VOCAB, (sizes["synthetic"], 1), generator=torch.Generator().manual_seed(seed)) \
+            if uniform_prompts else None
         out = transfer_lora(source, target, seeds, synthetic=sizes["synthetic"], threshold=threshold,
-                            temperature=temperature, steps=sizes["lora_steps"], seed=seed)
+                            temperature=temperature, steps=sizes["lora_steps"], seed=seed, prompts=prompts)
         result[row] = accuracy(target, held_out)
         result[f"{row}: kept"] = out["kept"]
         result[f"{row}: valid %"] = valid_share(out["sequences"])
@@ -157,12 +161,14 @@ def main(argv: list[str] | None = None) -> str:
     parser.add_argument("--quick", action="store_true", help="tiny settings: a smoke test of the script")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (the models are tiny: 1 is fastest)")
     parser.add_argument("--temperature", type=float, default=1.0, help="sampling temperature of the source")
+    parser.add_argument("--uniform-prompts", action="store_true",
+                        help="prompt with a uniformly drawn first token instead of a seed example's")
     parser.add_argument("--json", default=None, help="also write the per-seed results here")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     sizes = QUICK if args.quick else FULL
     start, cpu_start = time.perf_counter(), time.process_time()
-    seeds = [run_seed(sizes, seed, args.temperature) for seed in range(sizes["seeds"])]
+    seeds = [run_seed(sizes, seed, args.temperature, args.uniform_prompts) for seed in range(sizes["seeds"])]
     means = {row: statistics.mean(s[row] for s in seeds) for row in ROWS}
     table = ["| model | next-token accuracy % | synthetic kept | valid synthetic % |", "|---|---|---|---|"]
     for row in ROWS:
@@ -172,7 +178,7 @@ def main(argv: list[str] | None = None) -> str:
     text = "\n".join([
         f"Counting down by 1-3 mod {VOCAB}: source tiny Llama -> target tiny GPT-2 (both pretrained on counting up); "
         f"{sizes['real']} real sequences, {sizes['seeds_n']} seed examples, {sizes['synthetic']} synthetic "
-        f"(temperature {args.temperature:g}); "
+        f"(temperature {args.temperature:g}, prompts: {'uniform first token' if args.uniform_prompts else 'seed prefixes'}); "
         f"{len(seeds)} seeds", "", *table, "", verdict(means), "",
         f"wall time {time.perf_counter() - start:.0f} s, CPU time {time.process_time() - cpu_start:.0f} s",
     ])

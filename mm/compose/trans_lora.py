@@ -121,19 +121,20 @@ def distill(lm: nn.Module, sequences: torch.Tensor, steps: int, lr: float = 3e-3
 
 def transfer_lora(source: nn.Module, target: nn.Module, seeds: torch.Tensor, *, synthetic: int = 512,
                   prompt_len: int = 1, temperature: float = 1.0, threshold: float | None = 0.5, steps: int = 300,
-                  lr: float = 3e-3, batch_size: int = 32, seed: int = 0) -> dict:
+                  lr: float = 3e-3, batch_size: int = 32, seed: int = 0, prompts: torch.Tensor | None = None) -> dict:
     """The whole transfer: ``source`` (base + its LoRA, active) synthesises ``synthetic`` sequences of the seeds'
     length from prompts = the first ``prompt_len`` tokens of random seed examples; a discriminator trained on
     the seeds against them (classes weighted equally, weight decay: it cannot just memorise) keeps those it
     scores >= ``threshold`` (None: keep all, no filter); ``target`` (its new adapter attached, trainable) is distilled on
-    what passes. Returns counts, the discriminator's scores and the distillation losses."""
+    what passes. ``prompts`` (N, P), if given, replace the cut seed prefixes. Returns counts, the discriminator's scores and the distillation losses."""
     if seeds.dim() != 2 or len(seeds) < 2:
         raise TransferError(f"seed examples of shape {tuple(seeds.shape)}: expected (N >= 2, length) token ids")
     if synthetic < 2 or not 1 <= prompt_len < seeds.shape[1]:
         raise TransferError(f"synthetic={synthetic}, prompt_len={prompt_len}: expected synthetic >= 2 and "
                             f"1 <= prompt_len < {seeds.shape[1]} (the seeds' length)")
     generator = torch.Generator().manual_seed(seed)
-    prompts = seeds[torch.randint(0, len(seeds), (synthetic,), generator=generator), :prompt_len]
+    if prompts is None:
+        prompts = seeds[torch.randint(0, len(seeds), (synthetic,), generator=generator), :prompt_len]
     made = sample_sequences(source, prompts, seeds.shape[1], temperature, generator)
     kept, scores = made, None
     if threshold is not None:

@@ -85,6 +85,9 @@ def test_transfer_keeps_what_the_discriminator_passes():
     assert features.shape == (out["kept"], 32)
     everything = transfer_lora(source, target, seeds, synthetic=24, threshold=None, steps=2, seed=3)
     assert everything["kept"] == 24 and everything["scores"] is None and len(everything["losses"]) == 2
+    prompts = torch.arange(24).reshape(12, 2) % 64
+    given = transfer_lora(source, target, seeds, synthetic=12, threshold=None, steps=1, prompts=prompts)
+    assert torch.equal(given["sequences"][:, :2], prompts)
     with pytest.raises(TransferError, match="reject every synthetic sample"):
         transfer_lora(source, target, seeds, synthetic=8, threshold=1.01, steps=1)
     with pytest.raises(TransferError, match=r"seed examples of shape \(1, 10\)"):
