@@ -130,7 +130,7 @@ def update_error(model: nn.Module, generated: str, trained: str) -> float:
     return statistics.mean(errors)
 
 
-def run_seed(splits: tuple, sizes: dict, seed: int) -> dict:
+def run_seed(splits: tuple, sizes: dict, seed: int, noise: float = 0.0) -> dict:
     train, test = splits
     torch.manual_seed(seed)
     model = DigitsMLP()
@@ -149,7 +149,7 @@ def run_seed(splits: tuple, sizes: dict, seed: int) -> dict:
         conditions = {label: condition(model, angle_of[label.split("_")[0]], train[0], in_context)
                       for label in snapshots}
         generators[in_context] = LoraGenerator.fit(snapshots, conditions, LORA,
-                                                   CVAEConfig(steps=sizes["cvae_steps"], seed=seed))
+                                                   CVAEConfig(steps=sizes["cvae_steps"], noise=noise, seed=seed))
     result = {row: [] for row in ROWS} | {"update error (text)": [], "update error (text + in-context)": []}
     for angle in HELD_OUT:
         images = rotate(test[0], angle)
@@ -191,13 +191,15 @@ def main(argv: list[str] | None = None) -> str:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="tiny settings: a smoke test of the script")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (the model is tiny: 1 is fastest)")
+    parser.add_argument("--condition-noise", type=float, default=0.0,
+                        help="std of Gaussian noise on the (normalised) conditions while the CVAE trains")
     parser.add_argument("--json", default=None, help="also write the per-seed results here")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     sizes = QUICK if args.quick else FULL
     start, cpu_start = time.perf_counter(), time.process_time()
     splits = digit_splits(sizes["limit"])
-    seeds = [run_seed(splits, sizes, seed) for seed in range(sizes["seeds"])]
+    seeds = [run_seed(splits, sizes, seed, args.condition_noise) for seed in range(sizes["seeds"])]
     header = ["| LoRA | " + " | ".join(f"{a:+d}° %" for a in HELD_OUT) + " | mean % |",
               "|---|" + "---|" * (len(HELD_OUT) + 1)]
     means = {}
@@ -212,7 +214,8 @@ def main(argv: list[str] | None = None) -> str:
     storage = seeds[0]["storage"]
     text = "\n".join([
         f"Digits rotated by a degrees: {len(TRAIN_ANGLES)} training angles {TRAIN_ANGLES}, held out {HELD_OUT}; "
-        f"{len(splits[0][1])} train / {len(splits[1][1])} test images; LoRA r=4 on a frozen MLP; {len(seeds)} seeds",
+        f"{len(splits[0][1])} train / {len(splits[1][1])} test images; LoRA r=4 on a frozen MLP; {len(seeds)} seeds; "
+        f"condition noise {args.condition_noise:g}",
         "", *header, "", *errors,
         f"storage: generator {storage['generator']} parameters vs one LoRA {storage['one LoRA']} and the "
         f"{len(TRAIN_ANGLES)} training LoRAs {storage['family LoRAs']} "
