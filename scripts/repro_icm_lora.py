@@ -16,7 +16,7 @@ LoRA of the nearest training angle; the average of the training LoRAs' weights; 
 text + in-context). Also: the relative error ||dW_gen - dW_trained|| / ||dW_trained|| of the generated update
 against the trained LoRA's (summed over layers), and the generator's size against the family's LoRAs.
 
-    .venv/bin/python scripts/repro_icm_lora.py            # about a minute of CPU time (one thread)
+    .venv/bin/python scripts/repro_icm_lora.py            # about 35 s of CPU time (one thread)
     .venv/bin/python scripts/repro_icm_lora.py --quick    # seconds: a smoke test of the script
 """
 

@@ -17,7 +17,7 @@ all the real data, the transfer without the filter, the transfer with it; and th
 for reference. Also the share of synthetic sequences that are valid task sequences (counting down by 1-3),
 before and after the filter.
 
-    .venv/bin/python scripts/repro_trans_lora.py            # a few minutes of CPU time (one thread)
+    .venv/bin/python scripts/repro_trans_lora.py            # about 80 s of CPU time (one thread)
     .venv/bin/python scripts/repro_trans_lora.py --quick    # seconds: a smoke test of the script
 """
 
