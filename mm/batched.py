@@ -60,16 +60,35 @@ def has_dropout(adapter: nn.Module) -> bool:
     return dropout is not None and dropout.training
 
 
-def stack_factors(factors: Sequence[Factors], r_max: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+def stack_factors(factors: Sequence[Factors], r_max: int | None = None, *,
+                  zero_slot: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
     """``(A (n + 1, r_max, in), B (n + 1, out, r_max))``: scaling folded into A, ranks zero-padded, slot n
-    zero. Differentiable: gradients reach each source tensor."""
+    zero (left out with ``zero_slot=False``). Differentiable: gradients reach each source tensor."""
     r_max = max(a.shape[0] for a, _, _ in factors) if r_max is None else r_max
     dtype = factors[0][0].dtype
-    a_rows = [F.pad(a.to(dtype) * scaling, (0, 0, 0, r_max - a.shape[0])) for a, _, scaling in factors]
-    b_rows = [F.pad(b.to(dtype), (0, r_max - b.shape[1])) for _, b, _ in factors]
-    a_rows.append(torch.zeros_like(a_rows[0]))
-    b_rows.append(torch.zeros_like(b_rows[0]))
+
+    def padded(t: torch.Tensor, pad: tuple[int, ...], rank: int) -> torch.Tensor:
+        return t if rank == r_max else F.pad(t, pad)  # equal ranks (the usual case): no copy
+
+    a_rows = [padded(a.to(dtype) * scaling, (0, 0, 0, r_max - a.shape[0]), a.shape[0]) for a, _, scaling in factors]
+    b_rows = [padded(b.to(dtype), (0, r_max - b.shape[1]), b.shape[1]) for _, b, _ in factors]
+    if zero_slot:
+        a_rows.append(torch.zeros_like(a_rows[0]))
+        b_rows.append(torch.zeros_like(b_rows[0]))
     return torch.stack(a_rows), torch.stack(b_rows)
+
+
+def grouped_low_rank(x: torch.Tensor, out: torch.Tensor, a_stack: torch.Tensor, b_stack: torch.Tensor) -> torch.Tensor:
+    """``gathered_low_rank`` for rows already grouped: adapter k's rows are the k-th of ``len(a_stack)`` equal,
+    contiguous blocks (a multi-adapter training batch). Two ``bmm`` on views: no gather, no scatter in backward."""
+    groups = a_stack.shape[0]
+    if x.dtype != a_stack.dtype:
+        x = x.to(a_stack.dtype)
+    hidden = torch.bmm(x.reshape(groups, -1, x.shape[-1]), a_stack.transpose(1, 2))
+    out3 = out.reshape(groups, -1, out.shape[-1])
+    if out3.dtype == hidden.dtype:
+        return torch.baddbmm(out3, hidden, b_stack.transpose(1, 2)).view(out.shape)
+    return (out3 + torch.bmm(hidden, b_stack.transpose(1, 2)).to(out3.dtype)).view(out.shape)
 
 
 def gathered_low_rank(x: torch.Tensor, out: torch.Tensor, a_stack: torch.Tensor, b_stack: torch.Tensor,
@@ -111,9 +130,17 @@ def forward_rows(layer: nn.Module, x: torch.Tensor, out: torch.Tensor, row_adapt
     adapters = [layer.adapters[n] for n in names]
     if any(has_dropout(a) for a in adapters):
         return None
-    stacks = _stacks(layer, names, adapters)
+    grouped_key = ("grouped", names)
+    grouped = cache.get(grouped_key)
+    if grouped is None:
+        per = len(row_adapters) // len(names)
+        grouped = per * len(names) == len(row_adapters) and row_adapters == tuple(n for n in names for _ in range(per))
+        cache[grouped_key] = grouped
+    stacks = _stacks(layer, names, adapters, zero_slot=not grouped)
     if stacks is None:
         return None
+    if grouped:
+        return grouped_low_rank(x, out, *stacks)
     slots_key = ("slots", names, x.device)
     row_slots = cache.get(slots_key)
     if row_slots is None:
@@ -123,17 +150,17 @@ def forward_rows(layer: nn.Module, x: torch.Tensor, out: torch.Tensor, row_adapt
     return gathered_low_rank(x, out, *stacks, row_slots)
 
 
-def _stacks(layer: nn.Module, names: tuple[str, ...], adapters: list[nn.Module]):
+def _stacks(layer: nn.Module, names: tuple[str, ...], adapters: list[nn.Module], zero_slot: bool):
     tracking = torch.is_grad_enabled() and any(p.requires_grad for a in adapters for p in a.parameters())
     if not tracking:
-        key = (names, tuple(_versions(a) for a in adapters))
+        key = (names, zero_slot, tuple(_versions(a) for a in adapters))
         held = getattr(layer, "_gathered_stacks", None)
         if held is not None and held[0] == key:
             return held[1]
     factors = [low_rank_factors(a) for a in adapters]
     if any(f is None for f in factors):
         return None
-    stacks = stack_factors(factors)
+    stacks = stack_factors(factors, zero_slot=zero_slot)
     if not tracking:
         layer._gathered_stacks = (key, stacks)
     return stacks

@@ -32,8 +32,8 @@ def _llama_with(configs: dict[str, mm.AdapterConfig]):
     return model, ids
 
 
-def _run(model, ids, gathered: bool) -> torch.Tensor:
-    with route(row_adapters=ROWS, gathered=gathered):
+def _run(model, ids, gathered: bool, rows: list[str | None] = ROWS) -> torch.Tensor:
+    with route(row_adapters=rows, gathered=gathered):
         return model(ids).logits
 
 
@@ -126,3 +126,25 @@ def test_dropout_in_training_falls_back_to_the_loop(monkeypatch):
     monkeypatch.setattr(LoRA, "forward", lambda self, *a: calls.append(1) or original(self, *a))
     _run(model, ids, True)
     assert calls  # per-adapter dropout masks: the reference loop ran
+
+
+def test_grouped_rows_take_the_gather_free_path_with_equal_outputs_and_gradients(monkeypatch):
+    """Rows in equal adapter-major blocks (a multi-adapter training batch) skip the gather; same results."""
+    import mm.batched
+
+    targets = TOYS["llama"].targets
+    model, ids = _llama_with({n: mm.LoRAConfig(targets=targets, r=r, alpha=4) for n, r in (("a", 2), ("b", 3), ("c", 2))})
+    rows = ["a", "a", "b", "b", "c", "c"]
+    gathers = []
+    original = mm.batched.gathered_low_rank
+    monkeypatch.setattr(mm.batched, "gathered_low_rank", lambda *a: gathers.append(1) or original(*a))
+    results = {}
+    for gathered in (False, True):
+        model.zero_grad(set_to_none=True)
+        logits = _run(model, ids, gathered, rows)
+        logits.square().mean().backward()
+        results[gathered] = logits, {n: p.grad for n, p in model.named_parameters() if p.requires_grad}
+    assert gathers == []
+    torch.testing.assert_close(results[True][0], results[False][0], rtol=1e-5, atol=1e-5)
+    for name, grad in results[False][1].items():
+        torch.testing.assert_close(results[True][1][name], grad, rtol=1e-4, atol=1e-6, msg=name)
