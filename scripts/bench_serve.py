@@ -241,10 +241,16 @@ def main(argv: list[str] | None = None) -> str:
                         help="'cpu': CPU seconds of this process, steadier on a loaded machine (use --threads 1)")
     parser.add_argument("--only", choices=["forward", "pool", "train"], nargs="*", default=None,
                         help="run only these parts (default: all)")
+    parser.add_argument("--counts", type=int, nargs="+", default=None, metavar="N",
+                        help="forward: the numbers of adapters (default 8 32 256; --quick 2 4)")
     args = parser.parse_args(argv)
     known = sorted(set(FULL))
     sizes = benchlib.resolve_sizes(parser, QUICK if args.quick else FULL, args.size, known)
-    counts = QUICK_COUNTS if args.quick else FULL_COUNTS
+    counts = dict(QUICK_COUNTS if args.quick else FULL_COUNTS)
+    if args.counts:
+        if min(args.counts) < 1:
+            parser.error(f"--counts {args.counts}: expected positive numbers of adapters")
+        counts["forward"] = tuple(args.counts)
     device = benchlib.check_device(parser, args.device)
     if args.clock != "wall" and benchlib.is_cuda(device):
         parser.error(f"--clock {args.clock}: only the wall clock measures GPU work (--device {device})")
