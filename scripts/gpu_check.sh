@@ -16,11 +16,14 @@ export PYTHONPATH=$root${PYTHONPATH:+:$PYTHONPATH}
 LLAMA="--size layers=8 hidden=2048 intermediate=5504 heads=16 vocab=32000 batch=8 seq=512"
 # name, time limit in seconds, arguments after scripts/<name>.py (all get --device cuda)
 PLAN=(
-  "bench_lora 80 --rounds 3 --steps 3 $LLAMA"
-  "bench_moe 80 --rounds 3 --steps 2 --size layers=4 hidden=1024 intermediate=2816 heads=16 vocab=32000 batch=8 seq=512"
-  "bench_adapters 140 --rounds 2 --steps 2 --size width=2048 depth=8 batch=8 seq=512 layers=4 hidden=1024 intermediate=2816 heads=16 vocab=32000"
-  "bench_clip 50 --model ViT-B-16 --batch 128 --image 224 --rounds 3"
-  "bench_train_scaling 100 --steps 30 --threads 4 --set model.hidden_size=1024 model.intermediate_size=2816 model.layers=8 model.heads=16 model.kv_heads=8 data.seq_len=512 train.batch_size=16 --setups single"
+  "bench_lora 60 --rounds 3 --steps 3 $LLAMA"
+  "bench_moe 60 --rounds 3 --steps 2 --size layers=4 hidden=1024 intermediate=2816 heads=16 vocab=32000 batch=8 seq=512"
+  "bench_adapters 100 --rounds 2 --steps 2 --size width=2048 depth=8 batch=8 seq=512 layers=4 hidden=1024 intermediate=2816 heads=16 vocab=32000"
+  "bench_clip 40 --model ViT-B-16 --batch 128 --image 224 --rounds 3"
+  "bench_train_scaling 70 --steps 20 --threads 4 --set model.hidden_size=1024 model.intermediate_size=2816 model.layers=8 model.heads=16 model.kv_heads=8 data.seq_len=512 train.batch_size=16 --setups single"
+  "bench_limits 40 --rounds 2 --steps 2 --size d=16 degree=2 heads=8 batch=4 min_seq=1024 max_seq=16384"
+  "bench_generate 40 --rounds 1 --steps 1 --adapters 1,32,256 --size layers=8 hidden=1024 intermediate=2816 heads=16 vocab=32000 requests=64 prompt=64 new=32 slots=64"
+  "bench_serve 45 --rounds 2 --steps 2 --size layers=8 hidden=2048 intermediate=5504 heads=16 vocab=32000 seq=128 rows=4 slots=64"
 )
 BUDGET_S=480
 
