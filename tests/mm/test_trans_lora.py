@@ -1,5 +1,6 @@
 """Trans-LoRA's pieces (mm/compose/trans_lora.py): sampling from the source, the real-vs-synthetic discriminator,
-the distillation of the target's adapter, and the whole transfer's filter on tiny Llama / GPT-2 models."""
+the distillation of the target's adapter, the whole transfer's filter on tiny Llama / GPT-2 models, and a source
+LoRA moved into a target adapter of another method (DoRA, PiSSA)."""
 
 from __future__ import annotations
 
@@ -8,6 +9,8 @@ import torch
 from toys import tiny_gpt2, tiny_llama
 
 import mm
+from mm.adapters.dora import DoRA
+from mm.adapters.pissa import PiSSAConfig, ResidualLoRA
 from mm.compose.trans_lora import (
     Discriminator,
     TransferError,
@@ -94,3 +97,61 @@ def test_transfer_keeps_what_the_discriminator_passes():
         transfer_lora(source, target, seeds[:1])
     with pytest.raises(TransferError, match="prompt_len=10"):
         transfer_lora(source, target, seeds, prompt_len=10)
+
+
+def _count_down(size: int, seed: int) -> torch.Tensor:
+    """(size, 8) sequences counting down by 1 mod 64 from random starts: the next token follows from the last."""
+    starts = torch.randint(0, 64, (size, 1), generator=torch.Generator().manual_seed(seed))
+    return (starts - torch.arange(8)) % 64
+
+
+@torch.no_grad()
+def _next_token_accuracy(lm, data: torch.Tensor) -> float:
+    return float((lm(input_ids=data).logits[:, :-1].argmax(-1) == data[:, 1:]).float().mean())
+
+
+@pytest.fixture(scope="module")
+def source_with_task_lora():
+    """A tiny Llama whose LoRA (frozen base) learned to count down; built once, the transfers only read it."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)  # module fixtures run before the autouse one
+    source = tiny_llama()
+    torch.manual_seed(0)
+    mm.attach(source, mm.LoRAConfig(targets=["q_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+                                    r=8, alpha=16.0), "task")
+    distill(source, _count_down(256, 0), steps=60, lr=1e-2)
+    torch.set_num_threads(before)
+    return source.requires_grad_(False)
+
+
+@pytest.mark.parametrize("method", ["dora", "pissa"])
+def test_lora_moves_into_a_target_adapter_of_another_method(source_with_task_lora, method):
+    held_out = _count_down(64, 1)
+    assert _next_token_accuracy(source_with_task_lora, held_out) > 0.9
+    target = tiny_gpt2()
+    with torch.no_grad():  # as above: without it the random tied head's logits are all near 0
+        target.transformer.wte.weight.mul_(10.0)
+    alone = _next_token_accuracy(target, held_out)  # before attaching: PiSSA rewrites the base to its residual
+    layers = ["c_attn", "c_proj", "c_fc"]
+    config = mm.DoRAConfig(targets=layers, r=8, alpha=16.0) if method == "dora" else PiSSAConfig(targets=layers, r=8,
+                                                                                                 alpha=16.0)
+    mm.attach(target, config, "moved")
+    modules = [layer.adapters["moved"] for _, layer in mm.adapted_layers(target)]
+    assert mm.adapter_config(target, "moved").method == method and len(modules) == 8  # 2 blocks x (c_attn, 2 c_proj, c_fc)
+    assert all(type(m) is (DoRA if method == "dora" else ResidualLoRA) for m in modules)
+    before = {k: v.clone() for k, v in target.state_dict().items()}
+    trainable = {k for k, p in target.named_parameters() if p.requires_grad}
+    assert trainable and all(".adapters.moved." in k for k in trainable)
+    # Greedy continuations of uniformly drawn first tokens: the source's LoRA writes the task's sequences; no
+    # discriminator filter (its behaviour is tested above), the point here is the target's method.
+    prompts = torch.randint(0, 64, (64, 1), generator=torch.Generator().manual_seed(5))
+    out = transfer_lora(source_with_task_lora, target, _count_down(8, 2), synthetic=64, prompts=prompts,
+                        temperature=0.0, threshold=None, steps=80, lr=1e-2, seed=0)
+    assert out["losses"][-1] < 0.5 * out["losses"][0]
+    after = target.state_dict()
+    changed = {k for k, v in before.items() if not torch.equal(v, after[k])}
+    assert changed == trainable  # every parameter of the new adapter moved, nothing else did (base, PiSSA's buffers)
+    if method == "dora":
+        assert any(k.endswith("lora_magnitude_vector") for k in changed)
+    moved = _next_token_accuracy(target, held_out)
+    assert moved > alone + 0.3, (method, alone, moved)
