@@ -14,11 +14,14 @@ the seeds against the synthetic set, keeps those it scores as real; a fresh LoRA
 next-token cross-entropy. Rows: target next-token accuracy on 256 held-out real sequences (positions 2 onwards,
 where the next token is determined): the target base alone, a target LoRA on the seeds alone, a target LoRA on
 all the real data, the transfer without the filter, the transfer with it; and the source LoRA on its own base
-for reference. Also the share of synthetic sequences that are valid task sequences (counting down by 1-3),
+for reference. ``--target-method dora|pissa``: every target adapter (the baselines' and the transfers') is of
+that method instead of LoRA (PiSSA with its residual inside the adapter, so the target base stays the same
+for every row); the source keeps its LoRA. Also the share of synthetic sequences that are valid task sequences (counting down by 1-3),
 before and after the filter.
 
     .venv/bin/python scripts/repro_trans_lora.py            # about 80 s of CPU time (one thread)
     .venv/bin/python scripts/repro_trans_lora.py --quick    # seconds: a smoke test of the script
+    .venv/bin/python scripts/repro_trans_lora.py --target-method dora   # LoRA on the source -> DoRA on the target
 """
 
 from __future__ import annotations
@@ -42,6 +45,7 @@ TARGET_TARGETS = ["c_attn", "c_proj", "c_fc"]
 ROWS = ("source LoRA on the source base (reference)", "target base alone", "target LoRA on the seeds alone",
         "target LoRA on the real data", "Trans-LoRA, no filter", "Trans-LoRA (discriminator filter)")
 FULL = {"pretrain_steps": 400, "lora_steps": 300, "synthetic": 512, "seeds_n": 16, "seeds": 3, "real": 512}
+TARGET_METHODS = ("lora", "dora", "pissa")
 QUICK = {"pretrain_steps": 5, "lora_steps": 5, "synthetic": 32, "seeds_n": 8, "seeds": 2, "real": 64}
 
 
@@ -104,16 +108,29 @@ def pretrained(build, steps: int, seed: int):
     return lm
 
 
-def with_lora(lm, targets: list[str], name: str, data: torch.Tensor | None, steps: int, seed: int):
+def adapter_config(method: str, targets: list[str]):
+    """r=8, alpha=16 of ``method``; PiSSA keeps W - s B0 A0 inside the adapter, so the base is the same for all."""
+    if method == "dora":
+        return mm.DoRAConfig(targets=targets, r=8, alpha=16.0)
+    if method == "pissa":
+        from mm.adapters.pissa import PiSSAConfig
+
+        return PiSSAConfig(targets=targets, r=8, alpha=16.0, residual="adapter")
+    return mm.LoRAConfig(targets=targets, r=8, alpha=16.0)
+
+
+def with_lora(lm, targets: list[str], name: str, data: torch.Tensor | None, steps: int, seed: int,
+              method: str = "lora"):
     torch.manual_seed(seed)
-    mm.attach(lm, mm.LoRAConfig(targets=targets, r=8, alpha=16.0), name)
+    mm.attach(lm, adapter_config(method, targets), name)
     mm.set_active(lm, name)
     if data is not None:
         fit(lm, data, steps, 3e-3, seed)
     return lm
 
 
-def run_seed(sizes: dict, seed: int, temperature: float = 1.0, uniform_prompts: bool = False) -> dict:
+def run_seed(sizes: dict, seed: int, temperature: float = 1.0, uniform_prompts: bool = False,
+             target_method: str = "lora") -> dict:
     real, held_out = sequences(sizes["real"], TASK_STRIDES, seed), sequences(256, TASK_STRIDES, seed + 50)
     seeds = real[: sizes["seeds_n"]]
     source = with_lora(pretrained(llama, sizes["pretrain_steps"], seed), SOURCE_TARGETS, "task", real,
@@ -123,9 +140,10 @@ def run_seed(sizes: dict, seed: int, temperature: float = 1.0, uniform_prompts: 
     with mm.disable_adapters(target):
         result[ROWS[1]] = accuracy(target, held_out)
     for row, name, data in ((ROWS[2], "seeds_only", seeds), (ROWS[3], "real", real)):
-        result[row] = accuracy(with_lora(target, TARGET_TARGETS, name, data, sizes["lora_steps"], seed), held_out)
+        adapted = with_lora(target, TARGET_TARGETS, name, data, sizes["lora_steps"], seed, target_method)
+        result[row] = accuracy(adapted, held_out)
     for row, name, threshold in ((ROWS[4], "unfiltered", None), (ROWS[5], "filtered", 0.5)):
-        with_lora(target, TARGET_TARGETS, name, None, 0, seed)
+        with_lora(target, TARGET_TARGETS, name, None, 0, seed, target_method)
         for other in mm.adapter_names(target):  # only the new adapter trains
             for _, layer in mm.adapted_layers(target):
                 if other in layer.adapters:
@@ -163,12 +181,14 @@ def main(argv: list[str] | None = None) -> str:
     parser.add_argument("--temperature", type=float, default=1.0, help="sampling temperature of the source")
     parser.add_argument("--uniform-prompts", action="store_true",
                         help="prompt with a uniformly drawn first token instead of a seed example's")
+    parser.add_argument("--target-method", choices=TARGET_METHODS, default="lora",
+                        help="method of every target adapter (the source keeps its LoRA)")
     parser.add_argument("--json", default=None, help="also write the per-seed results here")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     sizes = QUICK if args.quick else FULL
     start, cpu_start = time.perf_counter(), time.process_time()
-    seeds = [run_seed(sizes, seed, args.temperature, args.uniform_prompts) for seed in range(sizes["seeds"])]
+    seeds = [run_seed(sizes, seed, args.temperature, args.uniform_prompts, args.target_method) for seed in range(sizes["seeds"])]
     means = {row: statistics.mean(s[row] for s in seeds) for row in ROWS}
     table = ["| model | next-token accuracy % | synthetic kept | valid synthetic % |", "|---|---|---|---|"]
     for row in ROWS:
@@ -179,7 +199,9 @@ def main(argv: list[str] | None = None) -> str:
         f"Counting down by 1-3 mod {VOCAB}: source tiny Llama -> target tiny GPT-2 (both pretrained on counting up); "
         f"{sizes['real']} real sequences, {sizes['seeds_n']} seed examples, {sizes['synthetic']} synthetic "
         f"(temperature {args.temperature:g}, prompts: {'uniform first token' if args.uniform_prompts else 'seed prefixes'}); "
-        f"{len(seeds)} seeds", "", *table, "", verdict(means), "",
+        f"{len(seeds)} seeds; target adapters: {args.target_method}"
+        + (f" (rows saying 'target LoRA' mean a target {args.target_method})" if args.target_method != "lora" else ""),
+        "", *table, "", verdict(means), "",
         f"wall time {time.perf_counter() - start:.0f} s, CPU time {time.process_time() - cpu_start:.0f} s",
     ])
     if args.json:

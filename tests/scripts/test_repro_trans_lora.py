@@ -45,3 +45,18 @@ def test_quick_run_prints_every_row(tmp_path):
     assert "The claim" in text
     saved = json.loads((tmp_path / "seeds.json").read_text())
     assert len(saved["seeds"]) == 2 and saved["rows"] == list(repro.ROWS)
+
+
+@pytest.mark.parametrize("method", ["dora", "pissa"])
+def test_target_method_builds_every_target_adapter_of_that_method(method):
+    repro = load_script("repro_trans_lora")
+    import mm
+
+    target, ids = repro.gpt2(0), torch.arange(12).unsqueeze(0)
+    with torch.no_grad():
+        reference = target(input_ids=ids).logits
+        repro.with_lora(target, repro.TARGET_TARGETS, "moved", None, 0, 0, method)
+        assert mm.adapter_config(target, "moved").method == method
+        # PiSSA keeps its residual in the adapter here, so every row of the script sees the same target base.
+        with mm.disable_adapters(target):
+            assert torch.allclose(target(input_ids=ids).logits, reference, atol=1e-5)
