@@ -49,16 +49,22 @@ def _open(path: Path):
         raise VideoReadError(f"{path}: unreadable video ({err})") from None
 
 
+def _video_stream(path: Path, container):
+    """(the first video stream, its frame rate), or an error naming the file when either is missing."""
+    if not container.streams.video:
+        raise VideoReadError(f"{path}: no video stream")
+    stream = container.streams.video[0]
+    rate = stream.average_rate or stream.guessed_rate
+    if not rate:
+        raise VideoReadError(f"{path}: the video stream has no frame rate")
+    return stream, rate
+
+
 def probe_video(path: str | Path) -> VideoInfo:
     """Frame count, frame rate, size and whether an audio track exists, from the header (no decoding)."""
     path = Path(path)
     with _open(path) as container:
-        if not container.streams.video:
-            raise VideoReadError(f"{path}: no video stream")
-        stream = container.streams.video[0]
-        rate = stream.average_rate or stream.guessed_rate
-        if not rate:
-            raise VideoReadError(f"{path}: the video stream has no frame rate")
+        stream, rate = _video_stream(path, container)
         frames = stream.frames
         if not frames and stream.duration is not None and stream.time_base is not None:
             frames = round(float(stream.duration * stream.time_base) * float(rate))
@@ -88,12 +94,7 @@ def read_video_frames(path: str | Path, start: float | None = None, end: float |
     """Grey frames (T, H, W) uint8 whose time is in [start, end) seconds (all when None), cropped to ``box``."""
     path = Path(path)
     with _open(path) as container:
-        if not container.streams.video:
-            raise VideoReadError(f"{path}: no video stream")
-        stream = container.streams.video[0]
-        rate = stream.average_rate or stream.guessed_rate
-        if not rate:
-            raise VideoReadError(f"{path}: the video stream has no frame rate")
+        stream, rate = _video_stream(path, container)
         frames = []
         try:
             for index, frame in enumerate(container.decode(stream)):
